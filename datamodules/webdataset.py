@@ -1,0 +1,178 @@
+"""The one WebDataset pipeline every family streams through.
+
+Read top to bottom (open_clip's order): shard list -> seeded shard shuffle per epoch -> split by
+rank -> split by DataLoader worker -> open through fsspec -> tar to samples -> sample shuffle ->
+decode -> the family's sample mapper -> batch. A family supplies only the mapper. Every URL,
+local or remote (file://, s3://, gs://), is opened through fsspec, because webdataset's own
+opener has no s3 scheme.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+
+import fsspec
+import lightning as L
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, default_collate
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from kiln.datamodules.errors import DataError
+
+
+def expand_urls(urls: str | list[str]) -> list[str]:
+    """Brace patterns ("shard-{000..009}.tar") and globs ("dir/*.tar") to a sorted list of shard URLs."""
+    out: list[str] = []
+    for pattern in [urls] if isinstance(urls, str) else urls:
+        for url in wds.shardlists.expand_urls(pattern):
+            if any(ch in url for ch in "*?["):
+                fs, path = fsspec.core.url_to_fs(url)
+                matches = sorted(fs.glob(path))
+                if not matches:
+                    raise DataError(f"no shards match {url}")
+                out += [fs.unstrip_protocol(m) if "://" in url else m for m in matches]
+            else:
+                out.append(url)
+    if not out:
+        raise DataError(f"no shard URLs in {urls!r}")
+    return out
+
+
+def check_readable(urls: list[str]) -> None:
+    """Fail before training starts, naming the URL, if a shard cannot be found."""
+    for url in urls:
+        fs, path = fsspec.core.url_to_fs(url)
+        if not fs.exists(path):
+            raise DataError(f"shard not found: {url}")
+
+
+def _open_shards(data: Iterator[dict], handler: Callable) -> Iterator[dict]:
+    for sample in data:
+        try:
+            sample["stream"] = fsspec.open(sample["url"], "rb").open()
+        except Exception as exn:  # noqa: BLE001 - the handler decides whether to skip or raise
+            exn.args = (*exn.args, sample["url"])
+            if handler(exn):
+                continue
+            raise
+        yield sample
+
+
+class ShardPipeline(IterableDataset):
+    """An epoch of batches for one rank: an IterableDataset the DataLoader splits across workers."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        mapper: Callable[[dict], dict],
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        decode: str = "pil",
+        handler: Callable = wds.reraise_exception,
+        drop_last: bool = True,
+    ):
+        self.urls, self.mapper, self.batch_size = urls, mapper, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
+        self.decode, self.handler, self.drop_last = decode, handler, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def shards(self) -> list[str]:
+        """This rank's shards for the current epoch (before the worker split)."""
+        urls = list(self.urls)
+        if self.shuffle:
+            # Same seed on every rank, so the ranks partition one permutation.
+            random.Random(self.seed + self.epoch).shuffle(urls)
+        return urls[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[dict]:
+        shards = [dict(url=u) for u in self.shards()]
+        stages: list = [
+            lambda: iter(shards),
+            wds.split_by_worker,
+            lambda src: _open_shards(src, self.handler),
+            lambda src: tar_file_expander(src, handler=self.handler),
+            group_by_keys,
+        ]
+        if self.shuffle:
+            worker = wds.utils.pytorch_worker_info()[2]
+            rng = random.Random(hash((self.seed, self.epoch, self.rank, worker)))
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=rng))
+        stages += [
+            wds.decode(self.decode, handler=self.handler),
+            wds.map(self.mapper, handler=self.handler),
+            wds.batched(self.batch_size, collation_fn=default_collate, partial=not self.drop_last),
+        ]
+        return iter(wds.DataPipeline(*stages))
+
+
+class _EpochLoader(DataLoader):
+    """Tells the pipeline its epoch each time an epoch's iteration starts (workers copy it then)."""
+
+    def __init__(self, dataset: ShardPipeline, epoch: Callable[[], int], **kwargs):
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.dataset.set_epoch(self.epoch())
+        return super().__iter__()
+
+
+class WebDataModule(L.LightningDataModule):
+    """Shards from any fsspec URL through `ShardPipeline`; `mapper` turns a decoded sample into
+    the family's training example.
+
+    Args:
+        train_urls: shard URLs, brace patterns or globs for training.
+        val_urls: the held-out shards; each rank reads all of them.
+        mapper: per-sample mapping (a `kiln.datamodules.mappers` class).
+        batch_size: per-rank batch size.
+    """
+
+    def __init__(
+        self,
+        train_urls: str | list[str],
+        mapper: Callable[[dict], dict],
+        val_urls: str | list[str] | None = None,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.train_urls, self.val_urls, self.mapper = train_urls, val_urls, mapper
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _loader(self, urls, shuffle: bool, split: bool, drop_last: bool) -> DataLoader:
+        urls = expand_urls(urls)
+        check_readable(urls)
+        rank, world = self._rank() if split else (0, 1)
+        pipeline = ShardPipeline(
+            urls, self.mapper, self.batch_size, rank, world, shuffle, self.shuffle_buffer, self.seed,
+            drop_last=drop_last,
+        )
+        current_epoch = lambda: self.trainer.current_epoch if self.trainer is not None else 0  # noqa: E731
+        workers = min(self.num_workers, max(1, len(urls) // world)) if self.num_workers else 0
+        return _EpochLoader(pipeline, current_epoch, num_workers=workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_urls, self.shuffle, split=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_urls is None:
+            return []
+        # Every rank scores the whole held-out set, in order, so its metrics need no gather.
+        return self._loader(self.val_urls, shuffle=False, split=False, drop_last=False)

@@ -1,0 +1,70 @@
+"""Reading kiln checkpoints back: as data, never as code.
+
+Checkpoints are loaded with `weights_only=True` (tensors and plain containers only, no
+unpickling of arbitrary objects). The model and data module are rebuilt from the resolved
+config that `RunDirectory` stamps into every checkpoint, restricted to kiln's own classes.
+"""
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import fsspec
+import lightning as L
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+
+FAMILIES = ("clip", "dalle2", "imagen", "glide", "parti", "pix2pix", "cyclegan", "spade",
+            "image_analogy", "ugatit", "biggan", "stylegan")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, foreign, or from another family."""
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    fs, p = fsspec.core.url_to_fs(path)
+    if not fs.exists(p):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with fsspec.open(path, "rb") as f:
+            ckpt = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"refusing to load {path}: it holds more than weights ({first})") from None
+    except Exception as e:  # noqa: BLE001 - any decoding failure is the same user-facing problem
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(ckpt, dict) or "kiln" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a kiln checkpoint (no kiln metadata or state_dict)")
+    return ckpt
+
+
+def family_of(ckpt: dict[str, Any]) -> str:
+    return ckpt["kiln"]["family"]
+
+
+def check_family(path: str, expected: str) -> None:
+    family = family_of(load_checkpoint(path))
+    if family != expected:
+        raise CheckpointError(f"{path} is a '{family}' checkpoint, but this config trains '{expected}'")
+
+
+def _instantiate(section: dict, base: type) -> Any:
+    class_path = section.get("class_path", "") if isinstance(section, dict) else ""
+    if not class_path.startswith("kiln."):
+        raise CheckpointError(f"checkpoint config names a class outside kiln: {class_path!r}")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(base, "obj", required=True)
+    cfg = parser.parse_object({"obj": section})
+    return parser.instantiate_classes(cfg).obj
+
+
+def build_from_checkpoint(ckpt: dict[str, Any], load_weights: bool = True):
+    """(LightningModule, LightningDataModule) of the run that wrote `ckpt`."""
+    config = yaml.safe_load(ckpt["kiln"]["config"])
+    model = _instantiate(config["model"], L.LightningModule)
+    data = _instantiate(config["data"], L.LightningDataModule) if config.get("data") else None
+    if load_weights:
+        model.load_state_dict(ckpt["state_dict"])
+    return model, data

@@ -1,0 +1,153 @@
+"""`kiln`: the one entry point.
+
+    kiln fit -c configs/<family>/tiny.yaml [-c more.yaml] [--key value] [--run_dir DIR]
+    kiln eval --ckpt CKPT [--metrics a,b] --out metrics.json
+    kiln data <builder> --out URL
+
+`fit` (and validate/test) is a LightningCLI: YAML checked against constructor type hints,
+composed with repeated -c, any key overridable. Every failure a user can cause is reported as
+one line, `kiln: error: ...`, with a non-zero exit; KILN_DEBUG=1 shows the traceback instead.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+import lightning as L
+from jsonargparse import ArgumentError
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import Logger, WandbLogger
+
+from kiln.trainers.checkpoint import CheckpointError, check_family
+from kiln.trainers.run_dir import AtomicCheckpointIO, JsonlLogger, RunDirectory, default_run_dir, is_url
+
+
+@dataclass
+class WandbSettings:
+    """Weights & Biases: offline by default (no network); `mode: online` to sync, `disabled` for none."""
+
+    mode: str = "offline"
+    project: str = "kiln"
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CheckpointSettings:
+    every_n_train_steps: int = 500
+
+
+class KilnCLI(LightningCLI):
+    def __init__(self, args: list[str] | None):
+        super().__init__(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=None,  # RunDirectory writes config.yaml into the run dir
+            seed_everything_default=0,
+            trainer_defaults={"logger": False, "enable_checkpointing": True},
+            parser_kwargs={"exit_on_error": False},
+            args=args,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run_dir", type=str | None, default=None,
+                            help="Run directory (local path or URL); default runs/<family>-<config>/<id>.")
+        parser.add_class_arguments(WandbSettings, "wandb")
+        parser.add_class_arguments(CheckpointSettings, "checkpoint")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
+        if cfg.wandb.mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"wandb.mode must be offline, online or disabled, not {cfg.wandb.mode!r}")
+        # Children that Lightning launches re-run this command: hand them the parent's run dir.
+        cfg.run_dir = cfg.run_dir or os.environ.get("KILN_RUN_DIR") or default_run_dir(
+            [str(p) for p in (cfg.get("config") or [])])
+        os.environ["KILN_RUN_DIR"] = cfg.run_dir
+        cfg.trainer.default_root_dir = cfg.run_dir
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        cfg = self.config[self.subcommand]
+        run_dir = cfg.run_dir
+        trainer_cfg = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        loggers: list[Logger] = [JsonlLogger(run_dir)]
+        if cfg.wandb.mode != "disabled":
+            save_dir = run_dir if not is_url(run_dir) else os.path.join(".cache", "wandb")
+            os.makedirs(save_dir, exist_ok=True)
+            loggers.append(WandbLogger(
+                save_dir=save_dir, project=cfg.wandb.project, entity=cfg.wandb.entity,
+                name=cfg.wandb.name or os.path.basename(run_dir.rstrip("/")), tags=cfg.wandb.tags,
+                offline=cfg.wandb.mode == "offline",
+            ))
+        user_logger = trainer_cfg.get("logger")
+        if isinstance(user_logger, Logger):
+            loggers.append(user_logger)
+        elif isinstance(user_logger, list):
+            loggers += user_logger
+        trainer_cfg["logger"] = loggers
+        # Keep only this subcommand's section: it is what `kiln fit -c config.yaml` reads.
+        config_yaml = self._parser(self.subcommand).dump(cfg, skip_none=False)
+        callbacks = [
+            RunDirectory(run_dir, config_yaml),
+            ModelCheckpoint(dirpath=f"{run_dir}/checkpoints", save_last=True, save_top_k=0,
+                            every_n_train_steps=cfg.checkpoint.every_n_train_steps),
+        ]
+        if trainer_cfg.get("enable_progress_bar", True) is not False:
+            callbacks.append(RichProgressBar())
+        plugins = trainer_cfg.get("plugins") or []
+        trainer_cfg["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
+        extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        return self._instantiate_trainer(trainer_cfg, [*extra, *callbacks])
+
+    def before_fit(self) -> None:
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        family = getattr(self.model, "family", None)
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc") and family:
+            check_family(ckpt_path, family)
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    # DataLoader workers wrap the real error in a traceback: its last line is the message.
+    if lines[0].startswith("Caught ") and len(lines) > 1:
+        return lines[-1]
+    if isinstance(exc, ArgumentError):
+        return " ".join(lines)[:500]
+    return lines[0] if not isinstance(exc, (KeyError, FileNotFoundError)) else f"{type(exc).__name__}: {lines[0]}"
+
+
+def _fit(args: list[str]) -> None:
+    os.environ.setdefault("WANDB_SILENT", "true")
+    # From the console LightningCLI reads sys.argv itself (and warns if handed a copy).
+    KilnCLI(None if args == sys.argv[1:] else args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"fit": _fit, "validate": _fit, "test": _fit}
+    from kiln.trainers import data_cli, evaluate
+
+    commands |= {"eval": lambda a: evaluate.main(a), "data": lambda a: data_cli.main(a)}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print(__doc__.strip().split("\n\n")[1] if argv and argv[0] in ("-h", "--help") else
+              f"usage: kiln {{{','.join(commands)}}} ...", file=sys.stderr if argv[:1] != ["-h"] else sys.stdout)
+        sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
+    command = argv[0]
+    try:
+        commands[command](argv if command in ("fit", "validate", "test") else argv[1:])
+    except (ArgumentError, ValueError, KeyError, FileNotFoundError, PermissionError, RuntimeError, OSError) as e:
+        if os.environ.get("KILN_DEBUG"):
+            raise
+        hint = " (KILN_DEBUG=1 shows the traceback)" if type(e) in (RuntimeError, OSError) else ""
+        print(f"kiln {command}: error: {_one_line(e)}{hint}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, (ArgumentError, CheckpointError)) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The run directory: one place (a local path or an fsspec URL) per run holding the resolved
+config, checkpoints, metrics.jsonl and sample grids.
+
+    DIR/config.yaml              resolved config, as `kiln fit -c DIR/config.yaml` would rerun it
+    DIR/checkpoints/last.ckpt    written atomically, with kiln metadata (family, config)
+    DIR/metrics.jsonl            one JSON object per logged step, keys like "train/loss"
+    DIR/samples/                 sample grids
+    DIR/wandb/                   the offline W&B run (local run dirs)
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import fsspec
+import lightning as L
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _atomic_save, get_filesystem
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+
+KILN_VERSION = "0.1.0"
+
+
+def is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def default_run_dir(config_paths: list[str]) -> str:
+    """runs/<family>-<config>/<id>: the id is the cluster's job id when there is one, so every
+    rank of a torchrun or SLURM job agrees on it, else a timestamp."""
+    name = "run"
+    if config_paths:
+        p = os.path.abspath(str(config_paths[0]))
+        name = f"{os.path.basename(os.path.dirname(p))}-{os.path.splitext(os.path.basename(p))[0]}"
+    run_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
+    if not run_id or run_id == "none":
+        run_id = time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", name, run_id)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint under a temporary name and renames it into place, so a crash
+    mid-save leaves the previous `last.ckpt` intact instead of a truncated one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        fs = get_filesystem(path)
+        path = str(path)
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        _atomic_save(checkpoint, tmp)
+        fs.mv(tmp, path)
+
+
+class JsonlLogger(Logger):
+    """metrics.jsonl: one line per `log_metrics` call, {"step": N, "train/loss": ...}."""
+
+    def __init__(self, run_dir: str):
+        super().__init__()
+        self.run_dir = run_dir
+        self.path = f"{run_dir.rstrip('/')}/metrics.jsonl"
+        self._lines: list[str] = []  # kept only for URLs, which have no append
+
+    @property
+    def name(self) -> str:
+        return "kiln"
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    @property
+    def save_dir(self) -> str:
+        return self.run_dir
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass  # config.yaml holds them
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        line = json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}})
+        if is_url(self.path):
+            self._lines.append(line)
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+    @rank_zero_only
+    def save(self) -> None:
+        if self._lines:
+            with fsspec.open(self.path, "w") as f:
+                f.write("\n".join(self._lines) + "\n")
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self.save()
+
+
+class RunDirectory(L.Callback):
+    """Lays out the run directory, writes config.yaml, stamps checkpoints with kiln metadata."""
+
+    def __init__(self, run_dir: str, config_yaml: str):
+        self.run_dir = run_dir.rstrip("/")
+        self.config_yaml = config_yaml
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:
+            fs, root = fsspec.core.url_to_fs(self.run_dir)
+            for sub in ("checkpoints", "samples"):
+                fs.makedirs(f"{root}/{sub}", exist_ok=True)
+            with fsspec.open(f"{self.run_dir}/config.yaml", "w") as f:
+                f.write(self.config_yaml)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["kiln"] = {
+            "family": getattr(pl_module, "family", None),
+            "config": self.config_yaml,
+            "version": KILN_VERSION,
+        }
