@@ -24,7 +24,8 @@ class EmojiDataModule(WebDataModule):
     Args:
         train_styles: styles streamed for training.
         val_styles: held-out styles (validation and `kiln eval`).
-        root: shard folder (any fsspec URL); built there if it has no manifest. Default: the cache.
+        root: shard folder (any fsspec URL), used as it is if it holds a completed build, else
+            built there. Default: the cache, holding the full set at `build_size`.
         build_size: pixel size the shards are rendered at (the mapper resizes from it).
     """
 
@@ -46,6 +47,7 @@ class EmojiDataModule(WebDataModule):
         for style in [*train_styles, *val_styles]:
             if style not in STYLES:
                 raise ValueError(f"unknown emoji style {style!r}; choose from {', '.join(STYLES)}")
+        self.user_root = root is not None
         self.root = root or cache_dir(f"emoji-{build_size}")
         self.build_size = build_size
         self.train_styles, self.val_styles = list(train_styles), list(val_styles)
@@ -59,4 +61,4 @@ class EmojiDataModule(WebDataModule):
     def prepare_data(self) -> None:
         from kiln.datamodules.emoji import ensure_emoji_shards
 
-        ensure_emoji_shards(self.root, size=self.build_size)
+        ensure_emoji_shards(self.root, size=self.build_size, accept_any=self.user_root)

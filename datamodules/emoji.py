@@ -311,14 +311,19 @@ def _write_shard(fs, root: str, url: str, samples: Iterator[tuple[Emoji, bytes]]
             "sha256": stream.sha256.hexdigest()}
 
 
-def ensure_emoji_shards(root: str, size: int = 64) -> str:
-    """Return ``root`` once it holds a complete full build at ``size``, building it if not."""
+def ensure_emoji_shards(root: str, size: int = 64, accept_any: bool = False) -> str:
+    """Return ``root`` once it holds a complete full build at ``size``, building it if not.
+
+    ``accept_any`` takes any completed build (a ``limit`` subset, another size) as it is: a
+    folder the user named is theirs to choose."""
     fs, path = fsspec.core.url_to_fs(root)
     try:
         with fs.open(f"{path.rstrip('/')}/manifest.json", "r", encoding="utf-8") as f:
             manifest = json.load(f)
     except (FileNotFoundError, json.JSONDecodeError):
         manifest = {}
+    if accept_any and manifest.get("builder") == "emoji":
+        return root
     complete = (manifest.get("size") == size and manifest.get("styles") == list(STYLES)
                 and manifest.get("limit") is None)
     if not complete:

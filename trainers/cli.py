@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 
 import lightning as L
 from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger, WandbLogger
 
 from kiln.trainers.checkpoint import CheckpointError, check_family
-from kiln.trainers.run_dir import AtomicCheckpointIO, JsonlLogger, RunDirectory, default_run_dir, is_url
+from kiln.trainers.run_dir import AtomicCheckpointIO, JsonlLogger, LastCheckpoint, RunDirectory, default_run_dir, is_url
 
 
 @dataclass
@@ -93,8 +93,7 @@ class KilnCLI(LightningCLI):
         config_yaml = self._parser(self.subcommand).dump(cfg, skip_none=False)
         callbacks = [
             RunDirectory(run_dir, config_yaml),
-            ModelCheckpoint(dirpath=f"{run_dir}/checkpoints", save_last=True, save_top_k=0,
-                            every_n_train_steps=cfg.checkpoint.every_n_train_steps),
+            LastCheckpoint(f"{run_dir}/checkpoints", cfg.checkpoint.every_n_train_steps),
         ]
         if trainer_cfg.get("enable_progress_bar", True) is not False:
             callbacks.append(RichProgressBar())

@@ -18,6 +18,7 @@ import fsspec
 import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _atomic_save, get_filesystem
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -121,3 +122,16 @@ class RunDirectory(L.Callback):
             "config": self.config_yaml,
             "version": KILN_VERSION,
         }
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """`last.ckpt` every N steps and, always, at the end of training: Lightning's own end-of-fit
+    save is skipped once any `last` was written, which would leave a time-limited run's final
+    steps unsaved."""
+
+    def __init__(self, dirpath: str, every_n_train_steps: int):
+        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -1,0 +1,88 @@
+"""Bad input gets one line on stderr naming the problem and a non-zero exit, never a traceback."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import kiln
+
+TINY = "configs/clip/tiny.yaml"
+
+
+def assert_one_line_error(result, *needles: str) -> str:
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("kiln")]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_unknown_config_key(emoji_shards):
+    r = kiln("fit", "-c", TINY, "--model.init_args.no_such_knob", "3", "--data.init_args.root", emoji_shards)
+    assert_one_line_error(r, "no_such_knob")
+
+
+def test_unknown_key_inside_a_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_stepz: 3\n")
+    assert_one_line_error(kiln("fit", "-c", TINY, "-c", str(bad)), "max_stepz")
+
+
+def test_missing_config_file():
+    assert_one_line_error(kiln("fit", "-c", "configs/clip/nope.yaml"), "nope.yaml")
+
+
+def test_unreadable_shard_path(tmp_path):
+    r = kiln("fit", "-c", TINY, "--data", "kiln.datamodules.webdataset.WebDataModule",
+             "--data.init_args.train_urls", str(tmp_path / "missing-{000..003}.tar"),
+             "--data.init_args.mapper", "kiln.datamodules.mappers.ImageText",
+             "--run_dir", str(tmp_path / "run"), "--wandb.mode", "disabled")
+    assert_one_line_error(r, "missing-000.tar")
+
+
+def _foreign_family_checkpoint(path: Path) -> Path:
+    torch.save({"kiln": {"family": "stylegan", "config": "model: {}\n", "version": "0.1.0"},
+                "state_dict": {"g.weight": torch.zeros(2)}}, path)
+    return path
+
+
+def test_checkpoint_from_another_family_for_fit(tmp_path, emoji_shards):
+    ckpt = _foreign_family_checkpoint(tmp_path / "stylegan.ckpt")
+    r = kiln("fit", "-c", TINY, "--ckpt_path", str(ckpt), "--data.init_args.root", emoji_shards,
+             "--run_dir", str(tmp_path / "run"), "--wandb.mode", "disabled")
+    assert_one_line_error(r, "'stylegan' checkpoint", "'clip'")
+
+
+def test_checkpoint_from_another_family_for_eval(tmp_path):
+    ckpt = _foreign_family_checkpoint(tmp_path / "stylegan.ckpt")
+    r = kiln("eval", "--ckpt", str(ckpt), "--metrics", "zero_shot", "--out", str(tmp_path / "m.json"))
+    assert_one_line_error(r, "stylegan")
+    assert not (tmp_path / "m.json").exists()
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("unpickled code ran",))
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    with open(path, "wb") as f:
+        pickle.dump({"kiln": {"family": "clip"}, "state_dict": {}, "x": _Payload()}, f)
+    r = kiln("eval", "--ckpt", str(path), "--out", str(tmp_path / "m.json"))
+    assert_one_line_error(r, "refusing to load")
+    assert "unpickled code ran" not in r.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["eval", "--ckpt", "/no/such.ckpt", "--out", "m.json"], "checkpoint not found"),
+    (["data", "nosuchbuilder", "--out", "x"], "nosuchbuilder"),
+    (["data", "emoji"], "--out"),
+])
+def test_other_commands(args, needle):
+    assert_one_line_error(kiln(*args), needle)
