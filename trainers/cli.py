@@ -11,6 +11,7 @@ one line, `kiln: error: ...`, with a non-zero exit; KILN_DEBUG=1 shows the trace
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -102,6 +103,12 @@ class KilnCLI(LightningCLI):
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         return self._instantiate_trainer(trainer_cfg, [*extra, *callbacks])
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning would overwrite the model config with the checkpoint's hyper-parameters. In
+        # kiln the config (the run dir's config.yaml) is the source of truth, and `before_fit`
+        # checks that the checkpoint belongs to it.
+        return
+
     def before_fit(self) -> None:
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
         family = getattr(self.model, "family", None)
@@ -117,8 +124,26 @@ def _one_line(exc: BaseException) -> str:
     if lines[0].startswith("Caught ") and len(lines) > 1:
         return lines[-1]
     if isinstance(exc, ArgumentError):
-        return " ".join(lines)[:500]
+        return _config_error(" ".join(lines))
     return lines[0] if not isinstance(exc, (KeyError, FileNotFoundError)) else f"{type(exc).__name__}: {lines[0]}"
+
+
+def _config_error(text: str) -> str:
+    """jsonargparse nests its reasons (union -> class_path -> key); name the innermost one."""
+    owner = re.findall(r"given class_path '([^']+)'", text)
+    where = f" of {owner[-1]}" if owner else ""
+    if unknown := re.search(r"Option '([^']+)' is not accepted", text):
+        return f"unknown option '{unknown.group(1)}'{where}"
+    keys = re.findall(r'Parser key "([^"]+)"', text)
+    given = re.search(r"Given value type: <class '(\w+)'> Given value: (.*?)(?:\. Got value|$)", text)
+    if len(keys) > 1 and given:
+        expected = sorted(set(re.findall(r"Expected a <class '([\w.]+)'>", text)) - {"NoneType"})
+        want = f" (expected {' or '.join(expected)})" if expected else ""
+        return f"invalid value for '{keys[-1]}'{where}: {given.group(2)[:80]}{want}"
+    if simple := re.search(r"""Parser key "([^"]+)": Expected a <class '([\w.]+)'>\. Got value: (\S+)""", text):
+        key, want, value = simple.groups()
+        return f"invalid value for '{key}'{where}: {value[:80]} (expected {want})"
+    return text[:300]
 
 
 def _fit(args: list[str]) -> None:

@@ -1,0 +1,50 @@
+"""The WebDataset pipeline over local paths and file:// URLs: expansion, rank split, batches."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln.datamodules.errors import DataError
+from kiln.datamodules.mappers import ImageText
+from kiln.datamodules.webdataset import ShardPipeline, expand_urls
+
+
+def keys_of(pipeline: ShardPipeline) -> list[str]:
+    return [k for batch in pipeline for k in batch["key"]]
+
+
+@pytest.mark.parametrize("scheme", ["", "file://"])
+def test_urls_globs_and_braces(emoji_shards, scheme):
+    globbed = expand_urls(f"{scheme}{emoji_shards}/noto/noto-*.tar")
+    braced = expand_urls(f"{scheme}{emoji_shards}/noto/noto-{{000000..000019}}.tar")
+    assert len(globbed) == len(braced) == 20 and [u.split("/")[-1] for u in globbed] == [u.split("/")[-1] for u in braced]
+    with pytest.raises(DataError, match="no shards match"):
+        expand_urls(f"{scheme}{emoji_shards}/nothing-*.tar")
+
+
+def test_batches_and_rank_split(emoji_shards):
+    urls = expand_urls(f"file://{emoji_shards}/twemoji/twemoji-*.tar")
+    mapper = ImageText(image_size=24)
+    whole = ShardPipeline(urls, mapper, batch_size=16, shuffle=False)
+    batch = next(iter(whole))
+    assert batch["image"].shape == (16, 3, 24, 24) and batch["image"].dtype == torch.float32
+    assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0 and len(batch["caption"]) == 16
+    all_keys = keys_of(whole)
+    assert len(all_keys) == len(set(all_keys)) == 320
+    ranks = [keys_of(ShardPipeline(urls, mapper, 16, rank=r, world_size=2, shuffle=True, seed=3)) for r in range(2)]
+    assert not set(ranks[0]) & set(ranks[1]) and sorted(ranks[0] + ranks[1]) == sorted(all_keys)
+
+
+def test_shuffle_changes_with_epoch_and_is_seeded(emoji_shards):
+    urls = expand_urls(f"{emoji_shards}/noto/noto-*.tar")
+    p = ShardPipeline(urls, ImageText(16), 16, shuffle=True, seed=0)
+    first = keys_of(p)
+    assert keys_of(ShardPipeline(urls, ImageText(16), 16, shuffle=True, seed=0)) == first
+    p.set_epoch(1)
+    second = keys_of(p)
+    assert second != first and sorted(second) == sorted(first)
+
+
+def test_mapper_names_a_missing_field():
+    with pytest.raises(KeyError, match="has no 'txt'"):
+        ImageText(16)({"__key__": "k", "png": None})
