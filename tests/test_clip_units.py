@@ -44,6 +44,17 @@ def test_text_tower_pools_at_eot_and_ignores_padding():
     torch.testing.assert_close(model.encode_text(short), model.encode_text(noisy), atol=1e-6, rtol=1e-5)
 
 
+def test_length_buckets_are_exact():
+    tok = ByteTokenizer(24)
+    captions = ["a", "cat face", "grinning face with big eyes", "red heart", "ok", "flag: japan", "x", "thumbs up"]
+    plain = tiny().eval()
+    torch.manual_seed(0)
+    bucketed = CLIP(CLIPConfig(32, VisionConfig(16, 4, 32, 2, 2),
+                               TextConfig(24, width=32, layers=2, heads=2, length_buckets=3))).eval()
+    bucketed.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(bucketed.encode_text(tok(captions)), plain.encode_text(tok(captions)), atol=1e-6, rtol=1e-5)
+
+
 def test_towers_shapes_and_normalisation():
     model = tiny()
     img, txt, scale = model(torch.randn(3, 3, 16, 16), ByteTokenizer(24)(["a", "b", "c"]))
