@@ -41,6 +41,7 @@ class EmojiDataModule(WebDataModule):
         shuffle: bool = True,
         shuffle_buffer: int = 1000,
         seed: int = 0,
+        batches_per_epoch: int | None = None,
     ):
         from kiln.datamodules.emoji import STYLES
 
@@ -55,7 +56,7 @@ class EmojiDataModule(WebDataModule):
             train_urls=[f"{self.root}/{s}/{s}-*.tar" for s in self.train_styles],
             val_urls=[f"{self.root}/{s}/{s}-*.tar" for s in self.val_styles] or None,
             mapper=mapper, batch_size=batch_size, num_workers=num_workers,
-            shuffle=shuffle, shuffle_buffer=shuffle_buffer, seed=seed,
+            shuffle=shuffle, shuffle_buffer=shuffle_buffer, seed=seed, batches_per_epoch=batches_per_epoch,
         )
 
     def prepare_data(self) -> None:

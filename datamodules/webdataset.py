@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import fsspec
 import lightning as L
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, default_collate
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from kiln.datamodules.errors import DataError
@@ -74,26 +74,50 @@ class ShardPipeline(IterableDataset):
         decode: str = "pil",
         handler: Callable = wds.reraise_exception,
         drop_last: bool = True,
+        batches_per_epoch: int | None = None,
     ):
         self.urls, self.mapper, self.batch_size = urls, mapper, batch_size
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
         self.decode, self.handler, self.drop_last = decode, handler, drop_last
+        self.batches_per_epoch = batches_per_epoch
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def shards(self) -> list[str]:
-        """This rank's shards for the current epoch (before the worker split)."""
+    def shards(self, pass_: int = 0) -> list[str]:
+        """This rank's shards for one pass over the data (before the worker split)."""
         urls = list(self.urls)
         if self.shuffle:
             # Same seed on every rank, so the ranks partition one permutation.
-            random.Random(self.seed + self.epoch).shuffle(urls)
+            random.Random(hash((self.seed, self.epoch, pass_))).shuffle(urls)
         return urls[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[dict]:
-        shards = [dict(url=u) for u in self.shards()]
+        if self.batches_per_epoch is None:
+            yield from self._one_pass(0)
+            return
+        # A fixed-length epoch made of as many passes as it takes: small data sets then pay
+        # Lightning's per-epoch costs (worker start-up, epoch-end hooks) rarely.
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        quota = self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
+        pass_ = 0
+        while quota > 0:
+            produced = 0
+            for batch in self._one_pass(pass_):
+                yield batch
+                produced += 1
+                quota -= 1
+                if quota == 0:
+                    return
+            if produced == 0:
+                raise DataError(f"no complete batch of {self.batch_size} in a pass over {len(self.urls)} shard(s)")
+            pass_ += 1
+
+    def _one_pass(self, pass_: int) -> Iterator[dict]:
+        shards = [dict(url=u) for u in self.shards(pass_)]
         stages: list = [
             lambda: iter(shards),
             wds.split_by_worker,
@@ -103,7 +127,7 @@ class ShardPipeline(IterableDataset):
         ]
         if self.shuffle:
             worker = wds.utils.pytorch_worker_info()[2]
-            rng = random.Random(hash((self.seed, self.epoch, self.rank, worker)))
+            rng = random.Random(hash((self.seed, self.epoch, pass_, self.rank, worker)))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=rng))
         stages += [
             wds.decode(self.decode, handler=self.handler),
@@ -134,6 +158,8 @@ class WebDataModule(L.LightningDataModule):
         val_urls: the held-out shards; each rank reads all of them.
         mapper: per-sample mapping (a `kiln.datamodules.mappers` class).
         batch_size: per-rank batch size.
+        batches_per_epoch: a fixed epoch length in batches, repeating the shards with fresh
+            shuffles as needed; None makes an epoch one pass over this rank's shards.
     """
 
     def __init__(
@@ -146,8 +172,10 @@ class WebDataModule(L.LightningDataModule):
         shuffle: bool = True,
         shuffle_buffer: int = 1000,
         seed: int = 0,
+        batches_per_epoch: int | None = None,
     ):
         super().__init__()
+        self.batches_per_epoch = batches_per_epoch
         self.train_urls, self.val_urls, self.mapper = train_urls, val_urls, mapper
         self.batch_size, self.num_workers = batch_size, num_workers
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
@@ -162,7 +190,7 @@ class WebDataModule(L.LightningDataModule):
         rank, world = self._rank() if split else (0, 1)
         pipeline = ShardPipeline(
             urls, self.mapper, self.batch_size, rank, world, shuffle, self.shuffle_buffer, self.seed,
-            drop_last=drop_last,
+            drop_last=drop_last, batches_per_epoch=self.batches_per_epoch if split else None,
         )
         current_epoch = lambda: self.trainer.current_epoch if self.trainer is not None else 0  # noqa: E731
         workers = min(self.num_workers, max(1, len(urls) // world)) if self.num_workers else 0

@@ -48,3 +48,13 @@ def test_shuffle_changes_with_epoch_and_is_seeded(emoji_shards):
 def test_mapper_names_a_missing_field():
     with pytest.raises(KeyError, match="has no 'txt'"):
         ImageText(16)({"__key__": "k", "png": None})
+
+
+def test_fixed_length_epochs_repeat_the_shards_across_workers(emoji_shards):
+    from torch.utils.data import DataLoader
+
+    urls = expand_urls(f"{emoji_shards}/noto/noto-*.tar")  # 320 samples = 20 batches of 16 per pass
+    pipeline = ShardPipeline(urls, ImageText(16), 16, shuffle=True, batches_per_epoch=50)
+    keys = [k for batch in DataLoader(pipeline, batch_size=None, num_workers=2) for k in batch["key"]]
+    assert len(keys) == 50 * 16
+    assert len(set(keys)) == 320  # every sample seen, several times over
