@@ -39,7 +39,7 @@ class EmojiDataModule(WebDataModule):
         batch_size: int = 64,
         num_workers: int = 2,
         shuffle: bool = True,
-        shuffle_buffer: int = 1000,
+        shuffle_buffer: int = 2000,
         seed: int = 0,
         batches_per_epoch: int | None = None,
     ):

@@ -29,6 +29,7 @@ import io
 import json
 import multiprocessing
 import os
+import random
 import re
 import uuid
 from collections.abc import Iterator, Sequence
@@ -38,6 +39,7 @@ import webdataset
 from PIL import Image, ImageDraw, ImageFont, features
 
 STYLES = ("twemoji", "noto", "openmoji")
+MANIFEST_VERSION = 2  # 2: samples written in a seeded random order
 
 EMOJI_TEST = "/usr/share/unicode/emoji/emoji-test.txt"
 NOTO_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -241,8 +243,8 @@ def _samples(emojis: list[Emoji], style: str, size: int, pool) -> Iterator[tuple
 
 
 def write_emoji_shards(out: str, size: int = 64, styles: Sequence[str] = STYLES,
-                       shard_size: int = 1000, limit: int | None = None,
-                       progress: bool = True, workers: int = 2) -> dict:
+                       shard_size: int = 256, limit: int | None = None,
+                       progress: bool = True, workers: int = 2, seed: int = 0) -> dict:
     """Render ``catalogue(styles)`` into WebDataset shards under the fsspec URL ``out``.
 
     Each shard is written under a temporary name and moved into place once complete, and the
@@ -258,8 +260,11 @@ def write_emoji_shards(out: str, size: int = 64, styles: Sequence[str] = STYLES,
     if fs.exists(manifest_path):
         fs.rm(manifest_path)
     emojis = catalogue(styles)[:limit]
-    manifest = {"builder": "emoji", "size": size, "styles": list(styles), "count": len(emojis),
-                "limit": limit, "categories": categories(), "shards": {}}
+    # Catalogue order puts look-alikes (skin tones, flags) side by side; a shard should be a
+    # random sample of the set, so samples go out in a seeded order, the same in every style.
+    emojis = random.Random(seed).sample(emojis, len(emojis))
+    manifest = {"builder": "emoji", "version": MANIFEST_VERSION, "size": size, "styles": list(styles),
+                "count": len(emojis), "limit": limit, "seed": seed, "categories": categories(), "shards": {}}
     pool = multiprocessing.Pool(workers) if workers > 1 else None
     try:
         with Progress(disable=not progress) as bar:
@@ -324,7 +329,7 @@ def ensure_emoji_shards(root: str, size: int = 64, accept_any: bool = False) -> 
         manifest = {}
     if accept_any and manifest.get("builder") == "emoji":
         return root
-    complete = (manifest.get("size") == size and manifest.get("styles") == list(STYLES)
+    complete = (manifest.get("version") == MANIFEST_VERSION and manifest.get("size") == size and manifest.get("styles") == list(STYLES)
                 and manifest.get("limit") is None)
     if not complete:
         write_emoji_shards(root, size=size)

@@ -69,7 +69,7 @@ class ShardPipeline(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         shuffle: bool = True,
-        shuffle_buffer: int = 1000,
+        shuffle_buffer: int = 2000,
         seed: int = 0,
         decode: str = "pil",
         handler: Callable = wds.reraise_exception,
@@ -170,7 +170,7 @@ class WebDataModule(L.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 2,
         shuffle: bool = True,
-        shuffle_buffer: int = 1000,
+        shuffle_buffer: int = 2000,
         seed: int = 0,
         batches_per_epoch: int | None = None,
     ):

@@ -22,7 +22,7 @@ def adamw_with_warmup_cosine(
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=betas, eps=eps,
+        lr=lr, betas=betas, eps=eps, foreach=True,
     )
 
     def factor(step: int) -> float:

@@ -20,7 +20,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("builder", choices=sorted(BUILDERS))
     parser.add_argument("--out", required=True, help="destination folder or URL (s3://bucket/prefix, file://...)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--shard-size", type=int, default=256, help="samples per shard")
     parser.add_argument("--limit", type=int, default=None, help="keep only the first N items")
     args = parser.parse_args(argv)
     if args.size < 8 or args.shard_size < 1:
