@@ -9,7 +9,7 @@ import random
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 
 def to_tensor(image: Image.Image, mean: float = 0.5, std: float = 0.5) -> torch.Tensor:
@@ -33,6 +33,8 @@ class ImageText:
         image_size: output side in pixels.
         image_key / caption_key: sample fields holding the image and the caption.
         crop_scale: random-resized-crop area range for training; None resizes the whole image.
+        color_jitter: brightness, contrast and saturation each scaled by a factor drawn from
+            [1 - color_jitter, 1 + color_jitter] (SimCLR-style); 0 disables it.
         caption_dropout: probability of replacing the caption by "" (classifier-free guidance).
     """
 
@@ -42,11 +44,12 @@ class ImageText:
         image_key: str = "png",
         caption_key: str = "txt",
         crop_scale: tuple[float, float] | None = None,
+        color_jitter: float = 0.0,
         caption_dropout: float = 0.0,
         seed: int | None = None,
     ):
         self.image_size, self.image_key, self.caption_key = image_size, image_key, caption_key
-        self.crop_scale, self.caption_dropout = crop_scale, caption_dropout
+        self.crop_scale, self.color_jitter, self.caption_dropout = crop_scale, color_jitter, caption_dropout
         self.seed, self._rng_owner, self.rng = seed, None, random.Random(seed)
 
     def _reseed(self) -> None:
@@ -67,6 +70,9 @@ class ImageText:
             image = random_resized_crop(image, self.image_size, self.crop_scale, self.rng)
         else:
             image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
+        if self.color_jitter:
+            for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+                image = enhance(image).enhance(1 + self.rng.uniform(-self.color_jitter, self.color_jitter))
         caption = sample[self.caption_key]
         if self.caption_dropout and self.rng.random() < self.caption_dropout:
             caption = ""
