@@ -66,7 +66,7 @@ def test_ddp_two_processes_match_one_process(emoji_shards, tmp_path):
     """
     no_crop = tmp_path / "no-crop.yaml"
     no_crop.write_text("data:\n  init_args:\n    mapper:\n      class_path: kiln.datamodules.mappers.ImageText\n"
-                       "      init_args: {image_size: 32, crop_scale: null}\n")
+                       "      init_args: {image_size: 16, crop_scale: null, color_jitter: 0.0}\n")
     common = ["-c", str(no_crop), "--trainer.max_steps", "5", "--trainer.limit_val_batches", "0",
               "--data.init_args.shuffle", "false", "--data.init_args.num_workers", "0", "--wandb.mode", "disabled"]
     one = kiln(*_small(emoji_shards, tmp_path / "one", *common, "--data.init_args.batch_size", "32"))
