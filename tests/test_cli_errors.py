@@ -86,3 +86,11 @@ def test_checkpoint_with_code_is_refused(tmp_path):
 ])
 def test_other_commands(args, needle):
     assert_one_line_error(kiln(*args), needle)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--wandb.mode", "bogus"], "wandb.mode"),
+    (["--trainer.max_steps", "many"], "trainer.max_steps"),
+])
+def test_bad_values(args, needle):
+    assert_one_line_error(kiln("fit", "-c", TINY, *args), needle, "expected")

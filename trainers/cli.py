@@ -14,6 +14,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
+from typing import Literal
 
 import lightning as L
 from jsonargparse import ArgumentError
@@ -29,7 +30,7 @@ from kiln.trainers.run_dir import AtomicCheckpointIO, JsonlLogger, LastCheckpoin
 class WandbSettings:
     """Weights & Biases: offline by default (no network); `mode: online` to sync, `disabled` for none."""
 
-    mode: str = "offline"
+    mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "kiln"
     entity: str | None = None
     name: str | None = None
@@ -63,8 +64,6 @@ class KilnCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
-        if cfg.wandb.mode not in ("offline", "online", "disabled"):
-            raise ValueError(f"wandb.mode must be offline, online or disabled, not {cfg.wandb.mode!r}")
         # Children that Lightning launches re-run this command: hand them the parent's run dir.
         cfg.run_dir = cfg.run_dir or os.environ.get("KILN_RUN_DIR") or default_run_dir(
             [str(p) for p in (cfg.get("config") or [])])
@@ -140,8 +139,9 @@ def _config_error(text: str) -> str:
         expected = sorted(set(re.findall(r"Expected a <class '([\w.]+)'>", text)) - {"NoneType"})
         want = f" (expected {' or '.join(expected)})" if expected else ""
         return f"invalid value for '{keys[-1]}'{where}: {given.group(2)[:80]}{want}"
-    if simple := re.search(r"""Parser key "([^"]+)": Expected a <class '([\w.]+)'>\. Got value: (\S+)""", text):
+    if simple := re.search(r"""Parser key "([^"]+)": Expected a (.+?)\. Got value: (\S+)""", text):
         key, want, value = simple.groups()
+        want = re.sub(r"<class '([\w.]+)'>|typing\.", r"\1", want)
         return f"invalid value for '{key}'{where}: {value[:80]} (expected {want})"
     return text[:300]
 
