@@ -15,9 +15,6 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser
 
-FAMILIES = ("clip", "dalle2", "imagen", "glide", "parti", "pix2pix", "cyclegan", "spade",
-            "image_analogy", "ugatit", "biggan", "stylegan")
-
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, foreign, or from another family."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from importlib.metadata import version
 from typing import Any
 
 import fsspec
@@ -22,7 +23,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-KILN_VERSION = "0.1.0"
 
 
 def is_url(path: str) -> bool:
@@ -120,7 +120,7 @@ class RunDirectory(L.Callback):
         checkpoint["kiln"] = {
             "family": getattr(pl_module, "family", None),
             "config": self.config_yaml,
-            "version": KILN_VERSION,
+            "version": version("kiln"),
         }
 
 
