@@ -31,7 +31,7 @@ def test_short_clip_learns_across_styles(emoji_shards, tmp_path):
                       "--data.init_args.root", emoji_shards, "--trainer.max_steps", "250",
                       "--trainer.max_time", "00:00:01:30", "--trainer.val_check_interval", "250")
     assert m["retrieval/top1_untrained"] < 0.03
-    assert m["retrieval/top1"] >= 0.10, m  # chance is 0.01
+    assert m["retrieval/top1"] >= 0.20, m  # chance is 0.01; measured 0.37 in CI
 
 
 @pytest.mark.learning
