@@ -52,6 +52,10 @@ class ImageText:
         self.crop_scale, self.color_jitter, self.caption_dropout = crop_scale, color_jitter, caption_dropout
         self.seed, self._rng_owner, self.rng = seed, None, random.Random(seed)
 
+    def for_eval(self) -> "ImageText":
+        """The same mapping without augmentation or caption dropout: held-out data is judged as it is."""
+        return ImageText(self.image_size, self.image_key, self.caption_key, seed=self.seed)
+
     def _reseed(self) -> None:
         # DataLoader workers each get a copy of the mapper: draw their augmentations from the
         # worker's own torch seed (set by seed_everything), not from one copied state.

@@ -21,29 +21,24 @@ from kiln.datamodules.errors import DataError
 
 
 def expand_urls(urls: str | list[str]) -> list[str]:
-    """Brace patterns ("shard-{000..009}.tar") and globs ("dir/*.tar") to a sorted list of shard URLs."""
+    """Brace patterns ("shard-{000..009}.tar") and globs ("dir/*.tar") to a sorted list of shard
+    URLs, failing before training starts, naming the URL, if a shard cannot be found."""
     out: list[str] = []
     for pattern in [urls] if isinstance(urls, str) else urls:
         for url in wds.shardlists.expand_urls(pattern):
+            fs, path = fsspec.core.url_to_fs(url)
             if any(ch in url for ch in "*?["):
-                fs, path = fsspec.core.url_to_fs(url)
                 matches = sorted(fs.glob(path))
                 if not matches:
                     raise DataError(f"no shards match {url}")
                 out += [fs.unstrip_protocol(m) if "://" in url else m for m in matches]
-            else:
+            elif fs.exists(path):  # a glob's matches exist already: only literal URLs need a look
                 out.append(url)
+            else:
+                raise DataError(f"shard not found: {url}")
     if not out:
         raise DataError(f"no shard URLs in {urls!r}")
     return out
-
-
-def check_readable(urls: list[str]) -> None:
-    """Fail before training starts, naming the URL, if a shard cannot be found."""
-    for url in urls:
-        fs, path = fsspec.core.url_to_fs(url)
-        if not fs.exists(path):
-            raise DataError(f"shard not found: {url}")
 
 
 def _open_shards(data: Iterator[dict], handler: Callable) -> Iterator[dict]:
@@ -55,7 +50,11 @@ def _open_shards(data: Iterator[dict], handler: Callable) -> Iterator[dict]:
             if handler(exn):
                 continue
             raise
-        yield sample
+        try:
+            yield sample
+        finally:
+            # The tar reader has consumed the shard by the time the next one is asked for.
+            sample["stream"].close()
 
 
 class ShardPipeline(IterableDataset):
@@ -184,12 +183,11 @@ class WebDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _loader(self, urls, shuffle: bool, split: bool, drop_last: bool) -> DataLoader:
+    def _loader(self, urls, shuffle: bool, split: bool, drop_last: bool, mapper: Callable) -> DataLoader:
         urls = expand_urls(urls)
-        check_readable(urls)
         rank, world = self._rank() if split else (0, 1)
         pipeline = ShardPipeline(
-            urls, self.mapper, self.batch_size, rank, world, shuffle, self.shuffle_buffer, self.seed,
+            urls, mapper, self.batch_size, rank, world, shuffle, self.shuffle_buffer, self.seed,
             drop_last=drop_last, batches_per_epoch=self.batches_per_epoch if split else None,
         )
         current_epoch = lambda: self.trainer.current_epoch if self.trainer is not None else 0  # noqa: E731
@@ -197,10 +195,12 @@ class WebDataModule(L.LightningDataModule):
         return _EpochLoader(pipeline, current_epoch, num_workers=workers)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_urls, self.shuffle, split=True, drop_last=True)
+        return self._loader(self.train_urls, self.shuffle, split=True, drop_last=True, mapper=self.mapper)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_urls is None:
             return []
         # Every rank scores the whole held-out set, in order, so its metrics need no gather.
-        return self._loader(self.val_urls, shuffle=False, split=False, drop_last=False)
+        # ... and sees it without the training augmentation.
+        mapper = self.mapper.for_eval() if hasattr(self.mapper, "for_eval") else self.mapper
+        return self._loader(self.val_urls, shuffle=False, split=False, drop_last=False, mapper=mapper)

@@ -58,3 +58,14 @@ def test_fixed_length_epochs_repeat_the_shards_across_workers(emoji_shards):
     keys = [k for batch in DataLoader(pipeline, batch_size=None, num_workers=2) for k in batch["key"]]
     assert len(keys) == 50 * 16
     assert len(set(keys)) == 320  # every sample seen, several times over
+
+
+def test_held_out_data_is_judged_without_augmentation(emoji_shards):
+    from kiln.datamodules.webdataset import WebDataModule
+
+    mapper = ImageText(16, crop_scale=(0.5, 1.0), color_jitter=0.4, caption_dropout=0.5)
+    dm = WebDataModule(f"{emoji_shards}/noto/*.tar", mapper, val_urls=f"{emoji_shards}/openmoji/*.tar",
+                       batch_size=32, num_workers=0)
+    first, second = (next(iter(dm.val_dataloader())) for _ in range(2))
+    torch.testing.assert_close(first["image"], second["image"])
+    assert "" not in first["caption"]

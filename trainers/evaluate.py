@@ -15,28 +15,30 @@ from kiln.trainers.checkpoint import CheckpointError, build_from_checkpoint, fam
 
 
 @torch.no_grad()
-def _clip_embeddings(model: L.LightningModule, data: L.LightningDataModule) -> tuple[torch.Tensor, torch.Tensor]:
-    model.eval()
-    images, texts, seen = [], [], set()
+def evaluate_clip(models: list, data: L.LightningDataModule, metrics: list[str], candidates: int = 100,
+                  draws: int = 100) -> list[dict[str, float]]:
+    """Judge each model on the held-out set, each item once, reading the data a single time."""
+    from kiln.modules.clip.evaluation import retrieval_among_candidates, zero_shot
+
+    for model in models:
+        model.eval()
+    pairs: list[list[tuple]] = [[] for _ in models]
+    seen: set[str] = set()
     for batch in data.val_dataloader():
         keep = [i for i, k in enumerate(batch["key"]) if k not in seen]
         seen.update(batch["key"])
-        i, t = model.embed(batch["image"][keep], [batch["caption"][j] for j in keep])
-        images.append(i)
-        texts.append(t)
-    return torch.cat(images), torch.cat(texts)
-
-
-def evaluate_clip(model, data, metrics: list[str], candidates: int = 100, draws: int = 100) -> dict[str, float]:
-    from kiln.modules.clip.evaluation import retrieval_among_candidates, zero_shot
-
-    image, text = _clip_embeddings(model, data)
-    out: dict[str, float] = {"heldout/pairs": float(len(image))}
-    if "zero_shot" in metrics:
-        out |= zero_shot(image, text)
-    if "retrieval" in metrics:
-        out |= retrieval_among_candidates(image, text, candidates, draws)
-    return out
+        for model, out in zip(models, pairs):
+            out.append(model.embed(batch["image"][keep], [batch["caption"][j] for j in keep]))
+    results = []
+    for out in pairs:
+        image, text = torch.cat([p[0] for p in out]), torch.cat([p[1] for p in out])
+        result: dict[str, float] = {"heldout/pairs": float(len(image))}
+        if "zero_shot" in metrics:
+            result |= zero_shot(image, text)
+        if "retrieval" in metrics:
+            result |= retrieval_among_candidates(image, text, candidates, draws)
+        results.append(result)
+    return results
 
 
 # family -> (judge metrics available, default list, evaluator)
@@ -65,12 +67,13 @@ def main(argv: list[str]) -> None:
     if data is None:
         raise CheckpointError(f"{args.ckpt} names no data: its run's config has no held-out set to judge on")
     data.prepare_data()
-    results = evaluator(model, data, metrics)
+    models = [model]
     if not args.no_untrained:
         torch.manual_seed(0)
-        untrained, _ = build_from_checkpoint(ckpt, load_weights=False)
-        results |= {f"{k}_untrained": v for k, v in evaluator(untrained, data, metrics).items()
-                    if not k.startswith("heldout/")}
+        models.append(build_from_checkpoint(ckpt, load_weights=False)[0])
+    results, *baseline = evaluator(models, data, metrics)
+    for untrained in baseline:
+        results |= {f"{k}_untrained": v for k, v in untrained.items() if not k.startswith("heldout/")}
     results["extractor"] = f"{family} (the checkpoint's own towers)"
     results["step"] = ckpt.get("global_step", -1)
     with fsspec.open(args.out, "w") as f:
