@@ -31,12 +31,11 @@ import multiprocessing
 import os
 import random
 import re
-import uuid
 from collections.abc import Iterator, Sequence
 
-import fsspec
-import webdataset
 from PIL import Image, ImageDraw, ImageFont, features
+
+from kiln.datamodules.shards import read_manifest, write_shards
 
 STYLES = ("twemoji", "noto", "openmoji")
 MANIFEST_VERSION = 2  # 2: samples written in a seeded random order
@@ -223,97 +222,42 @@ def _encode(job: tuple[Emoji, str, int]) -> bytes:
     return buffer.getvalue()
 
 
-class _Hashing:
-    """Write-through wrapper that digests a shard as it streams to (possibly remote) storage."""
-
-    def __init__(self, stream):
-        self.stream, self.sha256, self.bytes = stream, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        self.sha256.update(data)
-        self.bytes += len(data)
-        return self.stream.write(data)
-
-
-def _samples(emojis: list[Emoji], style: str, size: int, pool) -> Iterator[tuple[Emoji, bytes]]:
+def _samples(emojis: list[Emoji], style: str, size: int, pool) -> Iterator[dict]:
     jobs = [(emoji, style, size) for emoji in emojis]
     # imap keeps input order, so shards are identical whatever the worker count.
     pngs = pool.imap(_encode, jobs, chunksize=16) if pool else map(_encode, jobs)
-    yield from zip(emojis, pngs)
+    for emoji, png in zip(emojis, pngs):
+        meta = dataclasses.asdict(emoji) | {"style": style}
+        yield {"__key__": emoji.key, "png": png, "txt": emoji.name.encode("utf-8"),
+               "cls": str(emoji.category).encode("ascii"), "json": json.dumps(meta).encode("utf-8")}
 
 
 def write_emoji_shards(out: str, size: int = 64, styles: Sequence[str] = STYLES,
                        shard_size: int = 256, limit: int | None = None,
                        progress: bool = True, workers: int = 2, seed: int = 0) -> dict:
-    """Render ``catalogue(styles)`` into WebDataset shards under the fsspec URL ``out``.
+    """Render ``catalogue(styles)`` into WebDataset shards under the fsspec URL ``out``, one
+    split per style, through :func:`kiln.datamodules.shards.write_shards`.
 
-    Each shard is written under a temporary name and moved into place once complete, and the
-    manifest is written last, so an interrupted build never looks finished. Not safe to run
+    ``count`` in the manifest is the number of emoji (the same in every style). Not safe to run
     twice at once on one ``out``: call it from one process (``prepare_data``).
     """
-    from rich.progress import Progress
-
     styles = tuple(styles)
-    fs, root = fsspec.core.url_to_fs(out)
-    root = root.rstrip("/")
-    manifest_path = f"{root}/manifest.json"
-    if fs.exists(manifest_path):
-        fs.rm(manifest_path)
     emojis = catalogue(styles)[:limit]
     # Catalogue order puts look-alikes (skin tones, flags) side by side; a shard should be a
     # random sample of the set, so samples go out in a seeded order, the same in every style.
     emojis = random.Random(seed).sample(emojis, len(emojis))
-    manifest = {"builder": "emoji", "version": MANIFEST_VERSION, "size": size, "styles": list(styles),
-                "count": len(emojis), "limit": limit, "seed": seed, "categories": categories(), "shards": {}}
+    meta = {"version": MANIFEST_VERSION, "size": size, "styles": list(styles), "count": len(emojis), "limit": limit,
+            "seed": seed, "categories": categories()}
     pool = multiprocessing.Pool(workers) if workers > 1 else None
     try:
-        with Progress(disable=not progress) as bar:
-            task = bar.add_task("emoji shards", total=len(emojis) * len(styles))
-            for style in styles:
-                fs.makedirs(f"{root}/{style}", exist_ok=True)
-                shards = manifest["shards"][style] = []
-                samples = _samples(emojis, style, size, pool)
-                for start in range(0, len(emojis), shard_size):
-                    url = f"{style}/{style}-{start // shard_size:06d}.tar"
-                    count = min(shard_size, len(emojis) - start)
-                    shards.append(_write_shard(fs, root, url, samples, count, style))
-                    bar.advance(task, count)
+        # Generators: each style starts rendering only when the writer reaches it.
+        splits = {style: _samples(emojis, style, size, pool) for style in styles}
+        manifest = write_shards(out, "emoji", splits, shard_size=shard_size, meta=meta,
+                                total=len(emojis) * len(styles), progress=progress)
     finally:
         if pool is not None:
             pool.terminate()
-    for style in styles:
-        listed = {f"{root}/{shard['url']}" for shard in manifest["shards"][style]}
-        for stale in set(fs.glob(f"{root}/{style}/{style}-*.tar")) - listed:
-            fs.rm(stale)  # left by an earlier, larger build; readers may glob the folder
-    tmp = f"{manifest_path}.{uuid.uuid4().hex}.tmp"
-    with fs.open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-    fs.mv(tmp, manifest_path)
     return manifest
-
-
-def _write_shard(fs, root: str, url: str, samples: Iterator[tuple[Emoji, bytes]], count: int,
-                 style: str) -> dict:
-    path = f"{root}/{url}"
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    try:
-        with fs.open(tmp, "wb") as f:
-            stream = _Hashing(f)
-            # A fixed mtime makes the tar, and so its sha256, reproducible.
-            with webdataset.TarWriter(stream, encoder=False, mtime=0) as writer:
-                for _, (emoji, png) in zip(range(count), samples):
-                    meta = dataclasses.asdict(emoji) | {"style": style}
-                    writer.write({"__key__": emoji.key, "png": png,
-                                  "txt": emoji.name.encode("utf-8"),
-                                  "cls": str(emoji.category).encode("ascii"),
-                                  "json": json.dumps(meta).encode("utf-8")})
-        fs.mv(tmp, path)
-    except BaseException:
-        if fs.exists(tmp):
-            fs.rm(tmp)
-        raise
-    return {"url": url, "samples": count, "bytes": stream.bytes,
-            "sha256": stream.sha256.hexdigest()}
 
 
 def ensure_emoji_shards(root: str, size: int = 64, accept_any: bool = False) -> str:
@@ -321,12 +265,7 @@ def ensure_emoji_shards(root: str, size: int = 64, accept_any: bool = False) -> 
 
     ``accept_any`` takes any completed build (a ``limit`` subset, another size) as it is: a
     folder the user named is theirs to choose."""
-    fs, path = fsspec.core.url_to_fs(root)
-    try:
-        with fs.open(f"{path.rstrip('/')}/manifest.json", "r", encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
-        manifest = {}
+    manifest = read_manifest(root)
     if accept_any and manifest.get("builder") == "emoji":
         return root
     complete = (manifest.get("version") == MANIFEST_VERSION and manifest.get("size") == size and manifest.get("styles") == list(STYLES)
