@@ -1,15 +1,20 @@
 """Per-sample mappers: a decoded WebDataset sample (PIL images, text) -> a family's example.
 
-Transforms use PIL and torch only (no torchvision, see shared/INFRA.md).
+The pipeline's protocol: before each `mapper(sample)` it calls `mapper.rng.seed(n)`, n derived
+from (seed, epoch, position), so a mapper draws all its randomness from `mapper.rng` and an
+augmented sample is the same after a mid-epoch resume. `for_eval()` gives a copy without
+augmentation or dropout. Transforms use PIL and torch only (no torchvision, see shared/INFRA.md).
 """
 from __future__ import annotations
 
-import os
+import copy
 import random
 
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp", "tif", "tiff")
 
 
 def to_tensor(image: Image.Image, mean: float = 0.5, std: float = 0.5) -> torch.Tensor:
@@ -18,66 +23,261 @@ def to_tensor(image: Image.Image, mean: float = 0.5, std: float = 0.5) -> torch.
     return (torch.from_numpy(array).permute(2, 0, 1) - mean) / std
 
 
-def random_resized_crop(image: Image.Image, size: int, scale: tuple[float, float], rng: random.Random) -> Image.Image:
-    """A square crop covering `scale` of the area at a random place, resized to `size`."""
-    w, h = image.size
+def crop_box(size: tuple[int, int], scale: tuple[float, float], rng: random.Random) -> tuple[int, int, int, int]:
+    """A square box covering `scale` of the area of a (w, h) image, at a random place."""
+    w, h = size
     side = int(round(min(w, h) * rng.uniform(*scale) ** 0.5))
     x, y = rng.randint(0, w - side), rng.randint(0, h - side)
-    return image.resize((size, size), Image.BICUBIC, box=(x, y, x + side, y + side))
+    return x, y, x + side, y + side
 
 
-class ImageText:
-    """Image + caption pairs (CLIP, text-to-image).
+def random_resized_crop(image: Image.Image, size: int, scale: tuple[float, float], rng: random.Random) -> Image.Image:
+    """A square crop covering `scale` of the area at a random place, resized to `size`."""
+    return image.resize((size, size), Image.Resampling.BICUBIC, box=crop_box(image.size, scale, rng))
+
+
+def _where(sample: dict) -> str:
+    return f"sample {sample.get('__key__')!r} from {sample.get('__url__')}"
+
+
+def find_field(sample: dict, key: str | None, taken: tuple[str, ...] = ()) -> tuple[str, object]:
+    """The (name, value) of a sample's field.
+
+    `key` matches a field named exactly `key` or `key.<ext>` (webdataset names member
+    `KEY.input.png` field "input.png"); None means the first image field not in `taken`.
+    A missing field raises a one-line KeyError, which the pipeline counts as a skipped sample.
+    """
+    if key in sample:
+        return key, sample[key]
+    for name, value in sample.items():
+        if name.startswith("__") or name in taken:
+            continue
+        stem, _, ext = name.rpartition(".")
+        if (key is None and ext.lower() in IMAGE_EXTENSIONS) or (key is not None and key == stem):
+            return name, value
+    wanted = f"'{key}'" if key is not None else f"image field ({', '.join(IMAGE_EXTENSIONS)})"
+    raise KeyError(f"{_where(sample)} has no {wanted}")
+
+
+class _Mapper:
+    """What every mapper shares: the per-sample `rng`, `for_eval`, and one crop and flip per sample."""
+
+    # Attribute values that switch each augmentation off; subclasses add their own.
+    _no_augmentation: dict = {"crop_scale": None, "flip": False}
+
+    def __init__(self, image_size: int, crop_scale: tuple[float, float] | None, flip: bool):
+        self.image_size, self.crop_scale, self.flip = image_size, crop_scale, flip
+        # The pipeline reseeds this before every sample; the fixed start only makes a mapper
+        # used outside the pipeline reproducible.
+        self.rng = random.Random(0)
+
+    def for_eval(self):
+        """The same mapping without augmentation or dropout: held-out data is judged as it is."""
+        twin = copy.copy(self)
+        twin.__dict__.update(self._no_augmentation)
+        twin.rng = random.Random(0)
+        return twin
+
+    def _geometry(self, sample: dict, *images: Image.Image, nearest: tuple[bool, ...] = ()) -> list[Image.Image]:
+        """One crop and flip, drawn from `rng`, applied alike to all of a sample's images;
+        `nearest[i]` resizes image i with NEAREST (class ids must never be interpolated)."""
+        size = images[0].size
+        if any(image.size != size for image in images):
+            raise ValueError(f"{_where(sample)}: images of sizes {[im.size for im in images]} cannot share one crop")
+        box = crop_box(size, self.crop_scale, self.rng) if self.crop_scale is not None else (0, 0, *size)
+        mirror = self.flip and self.rng.random() < 0.5
+        out = []
+        for i, image in enumerate(images):
+            resample = Image.Resampling.NEAREST if i < len(nearest) and nearest[i] else Image.Resampling.BICUBIC
+            image = image.resize((self.image_size, self.image_size), resample, box=box)
+            out.append(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else image)
+        return out
+
+
+class ImageText(_Mapper):
+    """Image + caption pairs (CLIP, text-to-image). Outputs `image`, `caption`, `key`.
 
     Args:
         image_size: output side in pixels.
-        image_key / caption_key: sample fields holding the image and the caption.
+        image_key: the image field; None takes the first image field (png, jpg, ...).
+        caption_key: the caption field.
         crop_scale: random-resized-crop area range for training; None resizes the whole image.
+        flip: mirror left-right with probability 1/2.
         color_jitter: brightness, contrast and saturation each scaled by a factor drawn from
             [1 - color_jitter, 1 + color_jitter] (SimCLR-style); 0 disables it.
         caption_dropout: probability of replacing the caption by "" (classifier-free guidance).
     """
 
+    _no_augmentation = {**_Mapper._no_augmentation, "color_jitter": 0.0, "caption_dropout": 0.0}
+
     def __init__(
         self,
         image_size: int = 64,
-        image_key: str = "png",
+        image_key: str | None = None,
         caption_key: str = "txt",
         crop_scale: tuple[float, float] | None = None,
+        flip: bool = False,
         color_jitter: float = 0.0,
         caption_dropout: float = 0.0,
-        seed: int | None = None,
     ):
-        self.image_size, self.image_key, self.caption_key = image_size, image_key, caption_key
-        self.crop_scale, self.color_jitter, self.caption_dropout = crop_scale, color_jitter, caption_dropout
-        self.seed, self._rng_owner, self.rng = seed, None, random.Random(seed)
-
-    def for_eval(self) -> "ImageText":
-        """The same mapping without augmentation or caption dropout: held-out data is judged as it is."""
-        return ImageText(self.image_size, self.image_key, self.caption_key, seed=self.seed)
-
-    def _reseed(self) -> None:
-        # DataLoader workers each get a copy of the mapper: draw their augmentations from the
-        # worker's own torch seed (set by seed_everything), not from one copied state.
-        owner = (os.getpid(), torch.initial_seed())
-        if owner != self._rng_owner:
-            self._rng_owner = owner
-            self.rng = random.Random(torch.initial_seed() if self.seed is None else hash((self.seed, owner[1])))
+        super().__init__(image_size, crop_scale, flip)
+        self.image_key, self.caption_key = image_key, caption_key
+        self.color_jitter, self.caption_dropout = color_jitter, caption_dropout
 
     def __call__(self, sample: dict) -> dict:
-        self._reseed()
-        for k in (self.image_key, self.caption_key):
-            if k not in sample:
-                raise KeyError(f"sample {sample.get('__key__')} from {sample.get('__url__')} has no '{k}'")
-        image = sample[self.image_key]
-        if self.crop_scale is not None:
-            image = random_resized_crop(image, self.image_size, self.crop_scale, self.rng)
-        else:
-            image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
+        _, image = find_field(sample, self.image_key)
+        _, caption = find_field(sample, self.caption_key)
+        (image,) = self._geometry(sample, image)
         if self.color_jitter:
             for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
                 image = enhance(image).enhance(1 + self.rng.uniform(-self.color_jitter, self.color_jitter))
-        caption = sample[self.caption_key]
         if self.caption_dropout and self.rng.random() < self.caption_dropout:
             caption = ""
         return {"image": to_tensor(image), "caption": caption, "key": sample["__key__"]}
+
+
+class ImageClass(_Mapper):
+    """Image + class label (BigGAN, class-conditional diffusion, judges). Outputs `image`,
+    `label` (int, collated to a LongTensor), `key`.
+
+    Args:
+        image_size / crop_scale / flip: as for `ImageText`.
+        image_key: the image field; None takes the first image field.
+        label_key: the field holding the class index (webdataset decodes "cls" to an int).
+        num_classes: if given, a label outside [0, num_classes) is an error naming the sample.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        image_key: str | None = None,
+        label_key: str = "cls",
+        num_classes: int | None = None,
+        crop_scale: tuple[float, float] | None = None,
+        flip: bool = False,
+    ):
+        super().__init__(image_size, crop_scale, flip)
+        self.image_key, self.label_key, self.num_classes = image_key, label_key, num_classes
+
+    def __call__(self, sample: dict) -> dict:
+        _, image = find_field(sample, self.image_key)
+        _, label = find_field(sample, self.label_key)
+        label = int(label)
+        if self.num_classes is not None and not 0 <= label < self.num_classes:
+            raise ValueError(f"{_where(sample)} has label {label}, outside [0, {self.num_classes})")
+        (image,) = self._geometry(sample, image)
+        return {"image": to_tensor(image), "label": label, "key": sample["__key__"]}
+
+
+class PairedImages(_Mapper):
+    """Aligned input -> target pairs (Pix2Pix), both given the same crop and flip. Outputs
+    `input`, `target`, `key`.
+
+    Args:
+        image_size / crop_scale / flip: as for `ImageText`.
+        input_key / target_key: the two image fields (e.g. "input" finds "input.png").
+    """
+
+    def __init__(
+        self,
+        image_size: int = 256,
+        input_key: str = "input",
+        target_key: str = "target",
+        crop_scale: tuple[float, float] | None = None,
+        flip: bool = False,
+    ):
+        super().__init__(image_size, crop_scale, flip)
+        self.input_key, self.target_key = input_key, target_key
+
+    def __call__(self, sample: dict) -> dict:
+        _, source = find_field(sample, self.input_key)
+        _, target = find_field(sample, self.target_key)
+        source, target = self._geometry(sample, source, target)
+        return {"input": to_tensor(source), "target": to_tensor(target), "key": sample["__key__"]}
+
+
+class UnpairedImages(_Mapper):
+    """One image from each of two domains (CycleGAN, U-GAT-IT). The pipeline hands this mapper
+    `{"a": sample_a, "b": sample_b}`, drawn independently from the two domains' shards; each is
+    augmented on its own. Outputs `a`, `b`, `key_a`, `key_b`.
+
+    Args:
+        image_size / crop_scale / flip: as for `ImageText`.
+        image_key: the image field in both domains; None takes the first image field.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 256,
+        image_key: str | None = None,
+        crop_scale: tuple[float, float] | None = None,
+        flip: bool = False,
+    ):
+        super().__init__(image_size, crop_scale, flip)
+        self.image_key = image_key
+
+    def __call__(self, pair: dict) -> dict:
+        out = {}
+        for domain in ("a", "b"):
+            sample = pair[domain]
+            _, image = find_field(sample, self.image_key)
+            (image,) = self._geometry(sample, image)
+            out[domain], out[f"key_{domain}"] = to_tensor(image), sample["__key__"]
+        return out
+
+
+def _class_ids(label: Image.Image, sample: dict) -> Image.Image:
+    """A label map as a single-channel image of class ids.
+
+    The pipeline decodes with webdataset's imagehandler("pil"), which converts every image to
+    RGB (webdataset 1.0.2): an "L" map arrives as R = G = B = id, but a "P" map arrives as its
+    palette colours and the ids are gone. So grey RGB is read back as ids and coloured RGB is
+    refused; "L" and "P" images (from another decoder) are ids as they stand.
+    """
+    if label.mode in ("L", "P"):
+        return label
+    rgb = np.asarray(label.convert("RGB"))
+    if not ((rgb[..., 0] == rgb[..., 1]) & (rgb[..., 0] == rgb[..., 2])).all():
+        raise ValueError(
+            f"{_where(sample)}: the label map is in colour (mode {label.mode}); the 'pil' decoder turns a "
+            "palette ('P') PNG into its colours, so store label maps as greyscale ('L') PNGs of class ids"
+        )
+    return Image.fromarray(np.ascontiguousarray(rgb[..., 0]), mode="L")
+
+
+class LabelMapImage(_Mapper):
+    """Semantic label map + image (SPADE), both given the same crop and flip; the map is
+    resized NEAREST so class ids are never blended. Outputs `label_map` (LongTensor H x W),
+    `image`, `key`.
+
+    Args:
+        image_size / crop_scale / flip: as for `ImageText`.
+        label_key: the field holding a single-channel PNG of class ids (stored as mode "L").
+        image_key: the image field; None takes the first image field other than the label map.
+        num_classes: if given, an id >= num_classes is an error naming the sample and the id.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 256,
+        label_key: str = "label",
+        image_key: str | None = None,
+        num_classes: int | None = None,
+        crop_scale: tuple[float, float] | None = None,
+        flip: bool = False,
+    ):
+        super().__init__(image_size, crop_scale, flip)
+        self.label_key, self.image_key, self.num_classes = label_key, image_key, num_classes
+
+    def __call__(self, sample: dict) -> dict:
+        label_name, label = find_field(sample, self.label_key)
+        _, image = find_field(sample, self.image_key, taken=(label_name,))
+        label = _class_ids(label, sample)
+        if self.num_classes is not None:
+            # Checked on the whole map, so that a bad sample fails whatever the crop.
+            top = int(np.asarray(label).max())
+            if top >= self.num_classes:
+                raise ValueError(f"{_where(sample)} has class id {top} in its label map, num_classes is {self.num_classes}")
+        label, image = self._geometry(sample, label, image, nearest=(True,))
+        label_map = torch.from_numpy(np.array(label, dtype=np.int64))
+        return {"label_map": label_map, "image": to_tensor(image), "key": sample["__key__"]}
