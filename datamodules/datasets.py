@@ -27,6 +27,7 @@ class EmojiDataModule(WebDataModule):
         root: shard folder (any fsspec URL), used as it is if it holds a completed build, else
             built there. Default: the cache, holding the full set at `build_size`.
         build_size: pixel size the shards are rendered at (the mapper resizes from it).
+        **kwargs: the loader's settings, as `WebDataModule` takes them.
     """
 
     def __init__(
@@ -36,12 +37,7 @@ class EmojiDataModule(WebDataModule):
         val_styles: list[str] = ["openmoji"],  # noqa: B006
         root: str | None = None,
         build_size: int = 64,
-        batch_size: int = 64,
-        num_workers: int = 2,
-        shuffle: bool = True,
-        shuffle_buffer: int = 2000,
-        seed: int = 0,
-        batches_per_epoch: int | None = None,
+        **kwargs,
     ):
         from kiln.datamodules.emoji import STYLES
 
@@ -55,8 +51,7 @@ class EmojiDataModule(WebDataModule):
         super().__init__(
             train_urls=[f"{self.root}/{s}/{s}-*.tar" for s in self.train_styles],
             val_urls=[f"{self.root}/{s}/{s}-*.tar" for s in self.val_styles] or None,
-            mapper=mapper, batch_size=batch_size, num_workers=num_workers,
-            shuffle=shuffle, shuffle_buffer=shuffle_buffer, seed=seed, batches_per_epoch=batches_per_epoch,
+            mapper=mapper, **kwargs,
         )
 
     def prepare_data(self) -> None:

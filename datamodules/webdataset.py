@@ -1,23 +1,65 @@
 """The one WebDataset pipeline every family streams through.
 
 Read top to bottom (open_clip's order): shard list -> seeded shard shuffle per epoch -> split by
-rank -> split by DataLoader worker -> open through fsspec -> tar to samples -> sample shuffle ->
-decode -> the family's sample mapper -> batch. A family supplies only the mapper. Every URL,
-local or remote (file://, s3://, gs://), is opened through fsspec, because webdataset's own
-opener has no s3 scheme.
+rank (node x local rank) -> split by DataLoader worker -> open through fsspec -> tar to samples ->
+sample shuffle -> decode -> the family's sample mapper -> batch. A family supplies only the
+mapper. Every URL, local or remote (file://, s3://, gs://), is opened through fsspec, because
+webdataset's own opener has no s3 scheme, and reads are retried with back-off.
+
+Two choices make a mid-epoch resume exact, which no anchor does for tar shards:
+
+* **Block shuffle.** A worker reads whole shards into a block of at least `shuffle_buffer`
+  samples (raw bytes, as webdataset's shuffle buffer holds them), permutes the block with a
+  seeded generator, and yields it. A worker's position is then three numbers -- pass, first
+  shard of the block, samples of the block consumed -- and resuming re-reads only the block in
+  progress: consumed shards are never read again.
+* **Equal, fixed-length epochs.** Every rank yields the same number of batches per epoch
+  (`batches_per_epoch`, or the manifest's sample count / (ranks x batch size)), so uneven shards
+  never hang a multi-rank job. The policy is *equalise*: a worker that runs out of shards starts
+  its next pass (fresh shuffle) and one with shards to spare stops at its quota, so with uneven
+  shards an epoch sees a few samples twice and a few not at all. Workers are asked for batches
+  round-robin, so a rank's batch i comes from worker i mod W; on resume the workers' roles are
+  rotated to keep that order.
+
+Each batch carries its worker's position; the DataModule records it when the batch reaches the
+training step and stores the positions of all ranks in the Lightning checkpoint.
+
+Bad data (unreadable or corrupt shards, undecodable images, samples missing a field) is skipped,
+counted by reason (`data/skipped/<reason>` in the metrics) and warned about once per shard;
+`strict=True` raises instead, naming the URL and the sample.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
+import io
 import random
+import tarfile
+import time
+import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 import fsspec
 import lightning as L
+import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.autodecode import Decoder, imagehandler
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from kiln.datamodules.errors import DataError
+from kiln.datamodules.shards import read_manifest
+
+REASONS = ("unreadable_shard", "corrupt_shard", "decode", "missing_field", "map")
+INFO = "_kiln_data"  # the batch entry that carries a worker's position and skip counts
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+Sources = dict[str, list[str]]
+
+
+class DataWarning(UserWarning):
+    pass
 
 
 def expand_urls(urls: str | list[str]) -> list[str]:
@@ -41,28 +83,138 @@ def expand_urls(urls: str | list[str]) -> list[str]:
     return out
 
 
-def _open_shards(data: Iterator[dict], handler: Callable) -> Iterator[dict]:
-    for sample in data:
-        try:
-            sample["stream"] = fsspec.open(sample["url"], "rb").open()
-        except Exception as exn:  # noqa: BLE001 - the handler decides whether to skip or raise
-            exn.args = (*exn.args, sample["url"])
-            if handler(exn):
+def manifest_counts(urls: list[str]) -> list[int] | None:
+    """Sample counts of `urls` from the manifest.json `kiln data` writes beside its shards (in the
+    shard's folder or the one above), or None if a shard is not listed."""
+    counts: dict[str, int] = {}
+    seen: set[str] = set()
+    fs, _ = fsspec.core.url_to_fs(urls[0])
+    paths = [fs._strip_protocol(u) for u in urls]
+    for path in paths:
+        for root in (path.rsplit("/", 1)[0], path.rsplit("/", 2)[0]):
+            if root in seen:
                 continue
-            raise
-        try:
-            yield sample
-        finally:
-            # The tar reader has consumed the shard by the time the next one is asked for.
-            sample["stream"].close()
+            seen.add(root)
+            shards = read_manifest(fs.unstrip_protocol(root)).get("shards", [])
+            for entry in [e for v in shards.values() for e in v] if isinstance(shards, dict) else shards:
+                counts[f"{root}/{entry['url']}"] = entry["samples"]
+    return [counts[p] for p in paths] if all(p in counts for p in paths) else None
+
+
+def _seed(*parts) -> int:
+    """A seed from mixed parts, stable across processes (str hashing is randomised per process)."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
+
+
+class _RetryingFile(io.RawIOBase):
+    """A shard opened through fsspec; a read that fails (a dropped connection, a 5xx, a timeout)
+    is retried with exponential back-off, reopening at the same byte offset."""
+
+    def __init__(self, url: str, retries: int = 5, backoff: float = 0.2):
+        self.url, self.retries, self.backoff = url, retries, backoff
+        self.offset, self.file, self.tail = 0, None, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        for attempt in range(self.retries + 1):
+            try:
+                if self.file is None:
+                    self.file = fsspec.open(self.url, "rb").open()
+                    if self.offset:
+                        self.file.seek(self.offset)
+                data = self.file.read(len(buffer))
+                break
+            except _PERMANENT:
+                raise
+            except Exception:  # noqa: BLE001 - any other failure of a remote read may be transient
+                self._drop()
+                if attempt == self.retries:
+                    raise
+                time.sleep(self.backoff * 2**attempt)
+        buffer[: len(data)] = data
+        self.offset += len(data)
+        self.tail = (self.tail + data)[-1024:]
+        return len(data)
+
+    def _drop(self) -> None:
+        if self.file is not None:
+            try:
+                self.file.close()
+            except Exception:  # noqa: BLE001 - a broken connection may fail to close too
+                pass
+        self.file = None
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+
+class _Faults:
+    """Skips bad data, counting each by reason and warning once per shard; strict mode raises."""
+
+    def __init__(self, strict: bool):
+        self.strict, self.counts, self.warned = strict, Counter(), set()
+        self.shards_read = 0
+
+    def skip(self, reason: str, url: str, key: str | None, exn: BaseException) -> None:
+        where = url if key is None else f"{url} sample {key}"
+        message = f"{reason.replace('_', ' ')} in {where}: {type(exn).__name__}: {exn}"
+        if self.strict:
+            raise DataError(message) from exn
+        self.counts[reason] += 1
+        if url not in self.warned:
+            self.warned.add(url)
+            warnings.warn(f"skipping {message} (further problems in this shard are counted, not shown)", DataWarning)
+
+    def take(self) -> tuple[dict[str, int], int]:
+        """Skips by reason and shards read since the last call."""
+        counts, reads, self.counts, self.shards_read = dict(self.counts), self.shards_read, Counter(), 0
+        return counts, reads
+
+
+def read_shard(url: str, faults: _Faults, retries: int = 5) -> list[dict]:
+    """All samples of one shard, undecoded. A shard that ends early or is corrupt yields the
+    samples before the damage."""
+    samples: list[dict] = []
+    faults.shards_read += 1
+    try:
+        raw = _RetryingFile(url, retries)
+        with io.BufferedReader(raw, 1 << 20) as stream:
+            files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+            for sample in group_by_keys(files):
+                samples.append(sample)
+            stream.read()
+        if raw.tail != bytes(1024):
+            # A tar ends with two zero blocks; one cut at a member boundary reads as complete.
+            raise tarfile.ReadError(f"truncated: no end-of-archive marker after {raw.offset} bytes")
+    except Exception as exn:  # noqa: BLE001 - every failure is counted by reason, or raised in strict mode
+        # A damaged tar (truncated, bad header, a name twice) is corrupt; anything else is the
+        # storage failing to deliver it, after the retries.
+        corrupt = isinstance(exn, (tarfile.TarError, ValueError))
+        faults.skip("corrupt_shard" if corrupt else "unreadable_shard", url, None, exn)
+    return samples
 
 
 class ShardPipeline(IterableDataset):
-    """An epoch of batches for one rank: an IterableDataset the DataLoader splits across workers."""
+    """Batches for one rank, split across the DataLoader's workers.
+
+    Args:
+        sources: shard URLs per source. One source ("": urls) gives samples as they are; two
+            or more (e.g. {"a": ..., "b": ...}, unpaired domains) are streamed independently
+            and zipped into {name: sample}, so their pairing is random.
+        mapper: decoded sample -> example dict. If it has an `rng`, it is reseeded per sample
+            from its position, so augmentation is reproducible and survives a resume.
+        batches_per_epoch: this rank's batches per epoch (fixed-length, see the module
+            docstring); None reads each shard once (evaluation) and keeps a partial last batch
+            unless drop_last.
+        resampled: draw each worker's shards with replacement (very large corpora).
+    """
 
     def __init__(
         self,
-        urls: list[str],
+        sources: Sources,
         mapper: Callable[[dict], dict],
         batch_size: int,
         rank: int = 0,
@@ -70,137 +222,312 @@ class ShardPipeline(IterableDataset):
         shuffle: bool = True,
         shuffle_buffer: int = 2000,
         seed: int = 0,
-        decode: str = "pil",
-        handler: Callable = wds.reraise_exception,
-        drop_last: bool = True,
         batches_per_epoch: int | None = None,
+        resampled: bool = False,
+        strict: bool = False,
+        retries: int = 5,
+        drop_last: bool = True,
+        split: str = "train",
     ):
-        self.urls, self.mapper, self.batch_size = urls, mapper, batch_size
+        if isinstance(sources, (str, list)):
+            sources = {"": expand_urls(sources)}
+        self.sources, self.mapper, self.batch_size = sources, mapper, batch_size
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
-        self.decode, self.handler, self.drop_last = decode, handler, drop_last
-        self.batches_per_epoch = batches_per_epoch
+        self.batches_per_epoch, self.resampled = batches_per_epoch, resampled
+        self.strict, self.retries, self.drop_last, self.split = strict, retries, drop_last, split
+        self.decoder = Decoder([imagehandler("pil")])
         self.epoch = 0
+        self.resume: dict | None = None  # set by the DataModule before an epoch's iteration
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def shards(self, pass_: int = 0) -> list[str]:
-        """This rank's shards for one pass over the data (before the worker split)."""
-        urls = list(self.urls)
+    def shards(self, name: str, pass_: int, worker: int = 0, workers: int = 1) -> list[str]:
+        """One worker's shards for one pass."""
+        urls = self.sources[name]
+        if self.resampled:
+            rng = random.Random(_seed(self.seed, self.epoch, name, pass_, self.rank, worker))
+            return rng.choices(urls, k=max(1, len(urls) // (self.world_size * workers)))
+        urls = list(urls)
         if self.shuffle:
-            # Same seed on every rank, so the ranks partition one permutation.
-            random.Random(hash((self.seed, self.epoch, pass_))).shuffle(urls)
-        return urls[self.rank :: self.world_size]
+            # The same permutation on every rank, so the ranks partition it.
+            random.Random(_seed(self.seed, self.epoch, name, pass_)).shuffle(urls)
+        return urls[self.rank :: self.world_size][worker::workers]
+
+    def _stream(self, name: str, worker: int, workers: int, start: tuple[int, int, int],
+                faults: _Faults) -> Iterator[tuple[dict, tuple[int, int, int]]]:
+        """(raw sample, position after it) for one source, from `start`: endless in fixed-length
+        epochs, one pass otherwise."""
+        pass_, shard, offset = start
+        while True:
+            shards = self.shards(name, pass_, worker, workers)
+            whole_pass, yielded = shard == offset == 0, False
+            while shard < len(shards):
+                block, end = [], shard
+                while end < len(shards) and (end == shard or (self.shuffle and len(block) < self.shuffle_buffer)):
+                    block += read_shard(shards[end], faults, self.retries)
+                    end += 1
+                order = list(range(len(block)))
+                if self.shuffle:
+                    random.Random(_seed(self.seed, self.epoch, name, pass_, self.rank, worker, shard)).shuffle(order)
+                for i in range(offset, len(block)):
+                    yielded = True
+                    yield block[order[i]], (pass_, shard, i + 1) if i + 1 < len(block) else (pass_, end, 0)
+                shard, offset = end, 0
+            if self.batches_per_epoch is None:
+                return
+            if whole_pass and not yielded:
+                raise DataError(f"no readable sample in a pass over {len(shards)} shard(s) of {name or 'the data'}")
+            pass_, shard = pass_ + 1, 0
+
+    def _example(self, items: dict[str, tuple[dict, tuple]], worker: int, faults: _Faults) -> dict | None:
+        try:
+            decoded = {name: self.decoder(sample) for name, (sample, _) in items.items()}
+        except Exception as exn:  # noqa: BLE001 - counted and skipped, or raised in strict mode
+            sample = next(iter(items.values()))[0]
+            faults.skip("decode", sample["__url__"], sample["__key__"], exn)
+            return None
+        first = next(iter(decoded.values()))
+        if hasattr(self.mapper, "rng"):
+            self.mapper.rng.seed(_seed(self.seed, self.epoch, self.rank, worker, *next(iter(items.values()))[1]))
+        try:
+            return self.mapper(first if list(decoded) == [""] else decoded)
+        except Exception as exn:  # noqa: BLE001
+            faults.skip("missing_field" if isinstance(exn, KeyError) else "map", first["__url__"], first["__key__"], exn)
+            return None
 
     def __iter__(self) -> Iterator[dict]:
-        if self.batches_per_epoch is None:
-            yield from self._one_pass(0)
-            return
-        # A fixed-length epoch made of as many passes as it takes: small data sets then pay
-        # Lightning's per-epoch costs (worker start-up, epoch-end hooks) rarely.
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        quota = self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
-        pass_ = 0
-        while quota > 0:
-            produced = 0
-            for batch in self._one_pass(pass_):
-                yield batch
+        slot, workers = (info.id, info.num_workers) if info else (0, 1)
+        resume = self.resume or {"consumed": 0, "workers": {}}
+        # Rotate roles so that, after a resume, worker `slot` plays the one whose turn is next.
+        worker = (slot + resume["consumed"]) % workers
+        state = resume["workers"].get(worker, {"produced": 0, "positions": {}})
+        produced, positions = state["produced"], dict(state["positions"])
+        quota = None
+        if self.batches_per_epoch is not None:
+            quota = self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
+            if produced >= quota:
+                return
+        faults = _Faults(self.strict)
+        streams = {name: self._stream(name, worker, workers, tuple(positions.get(name, (0, 0, 0))), faults)
+                   for name in self.sources}
+        batch: list[dict] = []
+        for items in zip(*streams.values()):
+            items = dict(zip(streams, items))
+            positions = {name: position for name, (_, position) in items.items()}
+            example = self._example(items, worker, faults)
+            if example is not None:
+                batch.append(example)
+            if len(batch) == self.batch_size:
                 produced += 1
-                quota -= 1
-                if quota == 0:
+                yield self._collate(batch, worker, produced, positions, faults)
+                batch = []
+                if produced == quota:
                     return
-            if produced == 0:
-                raise DataError(f"no complete batch of {self.batch_size} in a pass over {len(self.urls)} shard(s)")
-            pass_ += 1
+        if batch and not self.drop_last:
+            yield self._collate(batch, worker, produced + 1, positions, faults)
 
-    def _one_pass(self, pass_: int) -> Iterator[dict]:
-        shards = [dict(url=u) for u in self.shards(pass_)]
-        stages: list = [
-            lambda: iter(shards),
-            wds.split_by_worker,
-            lambda src: _open_shards(src, self.handler),
-            lambda src: tar_file_expander(src, handler=self.handler),
-            group_by_keys,
-        ]
-        if self.shuffle:
-            worker = wds.utils.pytorch_worker_info()[2]
-            rng = random.Random(hash((self.seed, self.epoch, pass_, self.rank, worker)))
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=rng))
-        stages += [
-            wds.decode(self.decode, handler=self.handler),
-            wds.map(self.mapper, handler=self.handler),
-            wds.batched(self.batch_size, collation_fn=default_collate, partial=not self.drop_last),
-        ]
-        return iter(wds.DataPipeline(*stages))
+    def _collate(self, batch: list[dict], worker: int, produced: int, positions: dict, faults: _Faults) -> dict:
+        out = default_collate(batch)
+        skipped, reads = faults.take()
+        out[INFO] = {"split": self.split, "worker": worker, "produced": produced, "positions": positions,
+                     "skipped": skipped, "shards_read": reads}
+        return out
 
 
 class _EpochLoader(DataLoader):
-    """Tells the pipeline its epoch each time an epoch's iteration starts (workers copy it then)."""
+    """Hands the pipeline its epoch and resume point each time an epoch's iteration starts
+    (workers copy the dataset then)."""
 
-    def __init__(self, dataset: ShardPipeline, epoch: Callable[[], int], **kwargs):
+    def __init__(self, dataset: ShardPipeline, start: Callable[[], tuple[int, dict | None]], **kwargs):
         super().__init__(dataset, batch_size=None, **kwargs)
-        self.epoch = epoch
+        self.start = start
 
     def __iter__(self):
-        self.dataset.set_epoch(self.epoch())
+        self.dataset.epoch, self.dataset.resume = self.start()
         return super().__iter__()
+
+
+def _as_sources(urls: str | list[str] | dict) -> dict:
+    return {name: expand_urls(u) for name, u in urls.items()} if isinstance(urls, dict) else {"": expand_urls(urls)}
 
 
 class WebDataModule(L.LightningDataModule):
     """Shards from any fsspec URL through `ShardPipeline`; `mapper` turns a decoded sample into
-    the family's training example.
+    the family's training example. The data position is saved in checkpoints, so a resumed fit
+    continues mid-epoch with exactly the samples not yet seen.
 
     Args:
-        train_urls: shard URLs, brace patterns or globs for training.
-        val_urls: the held-out shards; each rank reads all of them.
+        train_urls: shard URLs, brace patterns or globs for training; a dict of them
+            ({"a": ..., "b": ...}) streams unpaired sources side by side.
+        val_urls: the held-out shards (same form); each rank reads all of them.
         mapper: per-sample mapping (a `kiln.datamodules.mappers` class).
         batch_size: per-rank batch size.
-        batches_per_epoch: a fixed epoch length in batches, repeating the shards with fresh
-            shuffles as needed; None makes an epoch one pass over this rank's shards.
+        batches_per_epoch: batches per rank per epoch; None derives it from the manifests
+            beside the shards as samples / (ranks x batch_size).
+        shuffle_buffer: samples per shuffled block (whole shards, read into memory).
+        resampled: draw shards with replacement (a corpus too large for epochs to matter).
+        strict: fail on the first bad sample or shard instead of skipping and counting it.
+        retries: attempts after a failed read, with exponential back-off from 0.2 s.
     """
 
     def __init__(
         self,
-        train_urls: str | list[str],
+        train_urls: str | list[str] | dict[str, str | list[str]],
         mapper: Callable[[dict], dict],
-        val_urls: str | list[str] | None = None,
+        val_urls: str | list[str] | dict[str, str | list[str]] | None = None,
         batch_size: int = 64,
         num_workers: int = 2,
         shuffle: bool = True,
         shuffle_buffer: int = 2000,
         seed: int = 0,
         batches_per_epoch: int | None = None,
+        resampled: bool = False,
+        strict: bool = False,
+        retries: int = 5,
     ):
         super().__init__()
-        self.batches_per_epoch = batches_per_epoch
         self.train_urls, self.val_urls, self.mapper = train_urls, val_urls, mapper
         self.batch_size, self.num_workers = batch_size, num_workers
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
+        self.batches_per_epoch, self.resampled = batches_per_epoch, resampled
+        self.strict, self.retries = strict, retries
+        self.skipped: dict[str, Counter] = {"train": Counter(), "val": Counter()}
+        self.shards_read = 0  # by the training loader over the whole fit, this rank
+        self._progress: dict | None = None  # this rank's position in the current training epoch
+        self._resume: dict | None = None  # a checkpoint's position, applied when the next epoch starts
+        self._next_epoch: int | None = None
 
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _loader(self, urls, shuffle: bool, split: bool, drop_last: bool, mapper: Callable) -> DataLoader:
-        urls = expand_urls(urls)
-        rank, world = self._rank() if split else (0, 1)
-        pipeline = ShardPipeline(
-            urls, mapper, self.batch_size, rank, world, shuffle, self.shuffle_buffer, self.seed,
-            drop_last=drop_last, batches_per_epoch=self.batches_per_epoch if split else None,
-        )
-        current_epoch = lambda: self.trainer.current_epoch if self.trainer is not None else 0  # noqa: E731
-        workers = min(self.num_workers, max(1, len(urls) // world)) if self.num_workers else 0
-        return _EpochLoader(pipeline, current_epoch, num_workers=workers)
+    def _epoch_length(self, sources: Sources, world: int) -> int:
+        if self.batches_per_epoch is not None:
+            return self.batches_per_epoch
+        totals = []
+        for urls in sources.values():
+            if (counts := manifest_counts(urls)) is None:
+                raise DataError(f"cannot size an epoch: no manifest.json beside {urls[0]} lists it; "
+                                "set data.batches_per_epoch (or write the shards with `kiln data`)")
+            totals.append(sum(counts))
+        if (length := min(totals) // (world * self.batch_size)) == 0:
+            raise DataError(f"{min(totals)} samples make no batch of {self.batch_size} on each of {world} rank(s)")
+        return length
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_urls, self.shuffle, split=True, drop_last=True, mapper=self.mapper)
+        sources = _as_sources(self.train_urls)
+        rank, world = self._rank()
+        fewest = min(len(urls) for urls in sources.values())
+        if fewest < world and not self.resampled:
+            raise DataError(f"{fewest} shard(s) cannot feed {world} ranks: write more, smaller shards or set data.resampled")
+        workers = self.num_workers if self.resampled else min(self.num_workers, fewest // world)
+        pipeline = ShardPipeline(
+            sources, self.mapper, self.batch_size, rank, world, self.shuffle, self.shuffle_buffer, self.seed,
+            batches_per_epoch=self._epoch_length(sources, world), resampled=self.resampled,
+            strict=self.strict, retries=self.retries,
+        )
+        self._epoch_batches = pipeline.batches_per_epoch
+        self._fingerprint = _seed(sorted(sources.items()), self.batch_size, pipeline.batches_per_epoch, workers,
+                                  self.shuffle, self.shuffle_buffer, self.seed, self.resampled, world)
+        return _EpochLoader(pipeline, self._start_epoch, num_workers=workers)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_urls is None:
             return []
-        # Every rank scores the whole held-out set, in order, so its metrics need no gather.
-        # ... and sees it without the training augmentation.
+        # Every rank scores the whole held-out set, in order and without the training
+        # augmentation, so its metrics need no gather.
         mapper = self.mapper.for_eval() if hasattr(self.mapper, "for_eval") else self.mapper
-        return self._loader(self.val_urls, shuffle=False, split=False, drop_last=False, mapper=mapper)
+        sources = _as_sources(self.val_urls)
+        pipeline = ShardPipeline(sources, mapper, self.batch_size, shuffle=False, seed=self.seed, strict=self.strict,
+                                 retries=self.retries, drop_last=False, split="val")
+        workers = min(self.num_workers, min(len(u) for u in sources.values()))
+        return _EpochLoader(pipeline, lambda: (0, None), num_workers=workers)
+
+    # -- the data position -------------------------------------------------------------------
+
+    def _start_epoch(self) -> tuple[int, dict | None]:
+        # The data keeps its own epoch count: Lightning counts an epoch cut short by max_steps
+        # or max_time as finished, while the data goes on to finish it after a resume.
+        if self._next_epoch is None:
+            self._next_epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        epoch, resume, self._resume = self._next_epoch, self._resume, None
+        if resume is not None and resume["fingerprint"] != self._fingerprint:
+            warnings.warn("the data or its settings changed since the checkpoint: the data starts a new epoch",
+                          DataWarning)
+            epoch, resume = resume["epoch"] + 1, None
+        elif resume is not None and resume["consumed"] >= self._epoch_batches:
+            epoch, resume = resume["epoch"] + 1, None  # saved at the very end of an epoch
+        elif resume is not None:
+            epoch = resume["epoch"]
+        self._next_epoch = epoch + 1
+        self._progress = copy.deepcopy(resume) or {"epoch": epoch, "fingerprint": self._fingerprint,
+                                                   "consumed": 0, "workers": {}}
+        return epoch, resume
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        info = batch.pop(INFO, None) if isinstance(batch, dict) else None
+        if info is None:
+            return batch
+        self.skipped[info["split"]].update(info["skipped"])
+        if info["split"] == "train" and self._progress is not None:
+            self.shards_read += info["shards_read"]
+            # The batch is about to be trained on: from here on it counts as consumed.
+            self._progress["consumed"] += 1
+            self._progress["workers"][info["worker"]] = {"produced": info["produced"], "positions": info["positions"]}
+        return batch
+
+    def state_dict(self) -> dict:
+        if self._progress is None:
+            return {}
+        mine = {"position": self._progress, "skipped": {split: dict(c) for split, c in self.skipped.items()},
+                "shards_read": self.shards_read}
+        ranks = [mine]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Only rank 0 writes the checkpoint: it carries every rank's position.
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, mine)
+        return {"ranks": ranks}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        rank, world = self._rank()
+        if len(state["ranks"]) != world:
+            warnings.warn(f"the checkpoint's data position is for {len(state['ranks'])} rank(s), not {world}: "
+                          "the epoch's data starts again from its beginning", DataWarning)
+            return
+        mine = state["ranks"][rank]
+        self._resume = mine["position"]
+        self.skipped = {split: Counter(counts) for split, counts in mine["skipped"].items()}
+        self.shards_read = mine["shards_read"]
+
+
+class DataMetrics(L.Callback):
+    """Logs the data's health, summed over ranks: `data/skipped` (and per reason) and
+    `data/shards_read` for training, `data/val_skipped` for the held-out data."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            self._log(trainer, pl_module, "train")
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._log(trainer, pl_module, "val")
+
+    def _log(self, trainer, pl_module, split: str) -> None:
+        dm = trainer.datamodule
+        if not isinstance(dm, WebDataModule):
+            return
+        # One fixed set of names on every rank, so the reduction always matches up.
+        counts = torch.tensor([dm.skipped[split][r] for r in REASONS] + [dm.shards_read], dtype=torch.float64,
+                              device=pl_module.device)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        if split == "val":
+            pl_module.log("data/val_skipped", counts[:-1].sum(), sync_dist=False, rank_zero_only=True)
+            return
+        values = {f"data/skipped/{r}": c for r, c in zip(REASONS, counts)}
+        values |= {"data/skipped": counts[:-1].sum(), "data/shards_read": counts[-1]}
+        pl_module.log_dict(values, sync_dist=False, rank_zero_only=True, on_step=True, on_epoch=False)

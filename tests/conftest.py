@@ -49,6 +49,36 @@ def emoji_shards(tmp_path_factory) -> str:
     return str(root)
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API on loopback; AWS_* point every client (s3fs, boto3, subprocesses) at it."""
+    from tests.servers import MotoServer
+
+    server = MotoServer()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "kiln-test-secret-4d1f",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": server.endpoint}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield server
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request) -> str:
+    """A fresh, empty bucket per test: s3://<name>."""
+    import s3fs
+
+    name = "kiln-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40].strip("-")
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir(name)
+    return f"s3://{name}"
+
+
 def kiln(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the `kiln` console script the way a user does."""
     return subprocess.run(

@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger, WandbLogger
 
+from kiln.datamodules.webdataset import DataMetrics
 from kiln.trainers.checkpoint import CheckpointError, check_family
 from kiln.trainers.run_dir import AtomicCheckpointIO, JsonlLogger, LastCheckpoint, RunDirectory, default_run_dir, is_url
 
@@ -94,6 +95,7 @@ class KilnCLI(LightningCLI):
         callbacks = [
             RunDirectory(run_dir, config_yaml),
             LastCheckpoint(f"{run_dir}/checkpoints", cfg.checkpoint.every_n_train_steps),
+            DataMetrics(),
         ]
         if trainer_cfg.get("enable_progress_bar", True) is not False:
             callbacks.append(RichProgressBar())
