@@ -17,9 +17,12 @@ class KeyRecorder(L.LightningModule):
         self.weight = torch.nn.Parameter(torch.zeros(()))
 
     def training_step(self, batch, batch_idx):
+        # Unpaired batches carry one key per domain: a drawn pair is recorded as "a|b".
+        keys = batch["key"] if "key" in batch else [f"{a}|{b}" for a, b in zip(batch["key_a"], batch["key_b"])]
         with open(os.path.join(self.out, f"keys-rank{self.global_rank}.txt"), "a") as f:
-            f.write(f"{self.global_step} {' '.join(batch['key'])}\n")
-        return (self.weight - batch["image"].mean()) ** 2
+            f.write(f"{self.global_step} {' '.join(keys)}\n")
+        image = batch["image"] if "image" in batch else batch["a"]
+        return (self.weight - image.mean()) ** 2
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)

@@ -201,3 +201,17 @@ def test_bad_sources_and_arguments_give_one_clear_error(tmp_path):
         with pytest.raises(ValueError, match="at least"):
             write_edge_shards(str(tmp_path / "out"), source=str(tmp_path / "src"), progress=False, **bad)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_kiln_data_edges_feeds_the_paired_mapper(source, tmp_path):
+    from kiln.datamodules.mappers import PairedImages
+    from kiln.datamodules.webdataset import ShardPipeline
+    from tests.conftest import kiln
+
+    r = kiln("data", "edges", "--source", source, "--out", str(tmp_path / "edges"), "--size", "32", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "15 items, 2 shards" in r.stdout  # a split per source split, 256 samples per shard
+    pipeline = ShardPipeline(f"{tmp_path}/edges/a/*.tar", PairedImages(16), batch_size=11, shuffle=False)
+    (batch,) = list(pipeline)
+    assert batch["input"].shape == batch["target"].shape == (11, 3, 16, 16)
+    assert batch["input"].mean() > batch["target"].mean()  # edges are mostly white paper

@@ -8,13 +8,13 @@ import lightning as L
 import pytest
 import torch
 
-from kiln.datamodules.mappers import ImageText
+from kiln.datamodules.mappers import ImageText, UnpairedImages
 from kiln.datamodules.webdataset import WebDataModule
 from tests.conftest import REPO, kiln
 from tests.key_recorder import KeyRecorder, read_keys
 
-# 20 shards of 16 samples; blocks of 3 shards; 9 batches of 8 per rank per epoch, so a 7-step
-# stop falls mid-epoch and the 14-step run crosses into the next epoch.
+# 19 shards of 16 samples (uneven over 2 ranks x 2 workers); blocks of 3 shards; 9 batches of 8
+# per rank per epoch, so a 7-step stop falls mid-epoch and the 14-step run crosses into the next.
 BLOCK_SHARDS, STEPS = 3, 7
 CONFIG = """\
 model:
@@ -23,7 +23,7 @@ model:
 data:
   class_path: kiln.datamodules.webdataset.WebDataModule
   init_args:
-    train_urls: {shards}/twemoji/twemoji-*.tar
+    train_urls: {shards}/twemoji/twemoji-{{000000..000018}}.tar
     batch_size: 8
     num_workers: 2
     shuffle_buffer: 48
@@ -64,22 +64,32 @@ def test_resume_sees_exactly_the_unseen_samples(emoji_shards, tmp_path, devices)
     assert _shards_read(part) <= _shards_read(whole) + devices * 2 * BLOCK_SHARDS
 
 
-def _in_process(out: Path, shards: str, steps: int, ckpt: str | None = None, **data) -> None:
+def _in_process(out: Path, shards: str, steps: int, ckpt: str | None = None, unpaired: bool = False, **data) -> None:
     out.mkdir(exist_ok=True)
-    dm = WebDataModule(f"{shards}/noto/*.tar", ImageText(8), batch_size=8, num_workers=2, shuffle_buffer=48, **data)
+    if unpaired:
+        urls, mapper = {"a": f"{shards}/noto/*.tar", "b": f"{shards}/openmoji/*.tar"}, UnpairedImages(8, flip=True)
+    else:
+        urls, mapper = f"{shards}/noto/*.tar", ImageText(8)
+    dm = WebDataModule(urls, mapper, batch_size=8, num_workers=2, shuffle_buffer=48, **data)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(KeyRecorder(str(out)), dm, ckpt_path=ckpt)
     trainer.save_checkpoint(out / "last.ckpt")
 
 
-@pytest.mark.parametrize("data", [dict(resampled=True, batches_per_epoch=5), dict(batches_per_epoch=None)],
-                         ids=["resampled", "epoch-from-manifest"])
+@pytest.mark.parametrize("data", [dict(resampled=True, batches_per_epoch=5), dict(batches_per_epoch=None),
+                                  dict(unpaired=True, batches_per_epoch=9)],
+                         ids=["resampled", "epoch-from-manifest", "unpaired"])
 def test_resume_is_exact_in_every_mode(emoji_shards, tmp_path, data):
     _in_process(tmp_path / "whole", emoji_shards, 2 * STEPS, **data)
     _in_process(tmp_path / "part", emoji_shards, STEPS, **data)
     _in_process(tmp_path / "part", emoji_shards, 2 * STEPS, ckpt=str(tmp_path / "part" / "last.ckpt"), **data)
-    assert read_keys(str(tmp_path / "part")) == read_keys(str(tmp_path / "whole"))
+    seen = read_keys(str(tmp_path / "whole"))
+    assert read_keys(str(tmp_path / "part")) == seen and len(seen) == 2 * STEPS * 8
+    if data.get("unpaired"):
+        pairs = [key.split("|") for key in seen]
+        # Two independent streams: a random pairing, rarely an emoji with itself.
+        assert sum(a == b for a, b in pairs) < len(pairs) // 10 and len({a for a, _ in pairs}) > 50
 
 
 def test_changed_data_restarts_the_epoch_with_a_warning(emoji_shards, tmp_path):
