@@ -1,7 +1,8 @@
 """Data loader benchmark: kiln's `ShardPipeline` against a bare tar + PIL loop on one JPEG shard set.
 
-    python bench/loader.py [--samples N] [--workers 2,0] [--size S] [--batch-size B]
-                           [--repeats R] [--no-s3] [--out table.md | results.json] [--profile]
+    python bench/loader.py [--samples N] [--workers 2,0] [--size S] [--batch-size B] [--repeats R]
+                           [--no-s3] [--no-unshuffled] [--no-uint8] [--out table.md | results.json]
+    python bench/loader.py --profile    # stage costs and cProfile of both loaders, in-process
 
 A benchmark, not a test: it asserts nothing and takes minutes. It builds N emoji images as JPEG
 (quality 90) into shards of 256 samples once (cached under $KILN_CACHE, else ~/.cache/kiln), then
@@ -14,11 +15,14 @@ kiln, ...), and reports medians and the kiln / bare ratio measured within each r
   must do.
 * kiln: `ShardPipeline` (with `ImageClass` at native size) in a `DataLoader(batch_size=None)`,
   as `WebDataModule.train_dataloader()` builds it, reading the same number of samples.
-* kiln S3: the same, from a moto S3 server on loopback (which shares the CPUs).
+* kiln, uint8 mapper: the same pipeline with a mapper that returns the image as the bare loop
+  does (uint8, no normalisation), to tell the pipeline's cost from `ImageClass`'s.
+* kiln S3: the same as kiln, from a moto S3 server on loopback (which shares the CPUs).
 
 Per run: samples/s over the pass (and without the first batch), time from `iter(loader)` to the
-first batch (worker start-up included), and the peak of the summed PSS (and RSS) of the process
-and its DataLoader workers, sampled every 20 ms.
+first batch (worker start-up included), the peak of the summed PSS (and RSS) of the process and
+its DataLoader workers, and the CPU time per sample spent in the process and in the workers
+(which, unlike samples/s, barely moves when other jobs share the cores).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import io
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -110,6 +115,18 @@ def bare_dataset(paths: list[str]):
     return BareTars()
 
 
+class Uint8Image:
+    """The least mapper: the decoded image as a uint8 (H, W, 3) tensor and the label, as the bare
+    loop yields them. Beside `ImageClass` it separates the pipeline's cost from the mapper's
+    (label lookup, per-sample reseeding of `rng`)."""
+
+    def __call__(self, sample: dict) -> dict:
+        import numpy as np
+        import torch
+
+        return {"image": torch.from_numpy(np.array(sample["jpg"])), "label": sample["cls"]}
+
+
 def make_loader(spec: dict):
     """(DataLoader, samples it will deliver) for one configuration."""
     from torch.utils.data import DataLoader
@@ -121,38 +138,50 @@ def make_loader(spec: dict):
     from kiln.datamodules.webdataset import ShardPipeline
 
     batches = spec["samples"] // spec["batch_size"]
-    pipeline = ShardPipeline(spec["urls"], ImageClass(image_size=spec["size"]), spec["batch_size"],
+    mapper = Uint8Image() if spec.get("mapper") == "uint8" else ImageClass(image_size=spec["size"])
+    pipeline = ShardPipeline(spec["urls"], mapper, spec["batch_size"],
                              shuffle=spec["shuffle"], batches_per_epoch=batches)
     return DataLoader(pipeline, batch_size=None, num_workers=spec["workers"]), batches * spec["batch_size"]
 
 
 class PeakMemory(threading.Thread):
-    """Peaks of the summed RSS and PSS of this process and its descendants, sampled every 20 ms.
-    RSS counts pages shared by the forked workers (torch, lightning) once per process; PSS
-    splits them between the processes sharing them, so its sum is the memory really in use."""
+    """Peaks of the summed RSS and PSS of this process and its descendants (the workers).
+
+    RSS counts the pages that forked workers share (torch, lightning) once per process; PSS
+    splits them between the processes sharing them, so its sum is the memory really in use.
+    PSS comes from /proc/PID/smaps_rollup, ~4 ms per torch process, so it is sampled once a
+    second (a 20 ms period cost the loaders most of a core); RSS every 20 ms."""
 
     def __init__(self):
         import psutil
 
         super().__init__(daemon=True)
         self.me, self.rss, self.pss, self.stop = psutil.Process(), 0, 0, threading.Event()
+        self.processes = [self.me]
 
-    def sample(self) -> tuple[int, int]:
+    def sample(self, pss: bool) -> tuple[int, int]:
         import psutil
 
-        rss = pss = 0
-        for process in [self.me, *self.me.children(recursive=True)]:
+        rss = total_pss = 0
+        for process in self.processes:
             try:
-                info = process.memory_full_info()  # /proc/PID/smaps_rollup: ~0.1 ms
+                if pss:
+                    info = process.memory_full_info()
+                    rss, total_pss = rss + info.rss, total_pss + info.pss
+                else:
+                    rss += process.memory_info().rss
             except psutil.Error:
                 continue  # a worker that just exited
-            rss, pss = rss + info.rss, pss + info.pss
-        self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
-        return rss, pss
+        self.rss, self.pss = max(self.rss, rss), max(self.pss, total_pss)
+        return rss, total_pss
 
     def run(self) -> None:
+        tick = 0
         while not self.stop.is_set():
-            self.sample()
+            if tick % 25 == 3:  # the workers fork once iter() is called
+                self.processes = [self.me, *self.me.children(recursive=True)]  # ~1 ms: a scan of /proc
+            self.sample(pss=tick % 50 == 8)
+            tick += 1
             self.stop.wait(0.02)
 
 
@@ -160,7 +189,8 @@ def measure(spec: dict) -> dict:
     """One pass of one configuration, in this process."""
     loader, expected = make_loader(spec)
     memory = PeakMemory()
-    idle_rss, idle_pss = memory.sample()
+    idle_rss, idle_pss = memory.sample(pss=True)
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     memory.start()
     samples, t0 = 0, time.perf_counter()
     first = last = None
@@ -170,14 +200,20 @@ def measure(spec: dict) -> dict:
         last = time.perf_counter()
         if first is None:
             first, first_samples = last, samples
+        if samples == expected:
+            memory.sample(pss=True)  # the workers are still up
     memory.stop.set()
     memory.join()
+    # The loop's end joined the workers, so their CPU time is in RUSAGE_CHILDREN.
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    main_cpu, worker_cpu = ((b.ru_utime + b.ru_stime - a.ru_utime - a.ru_stime) for a, b in zip(cpu0, cpu1))
     if samples != expected:
         raise RuntimeError(f"{spec['name']}: {samples} samples, expected {expected}")
     return {"samples": samples, "seconds": last - t0, "samples_per_s": samples / (last - t0),
             "samples_per_s_after_first": (samples - first_samples) / (last - first),
             "first_batch_s": first - t0, "peak_pss_mib": memory.pss / 2**20, "peak_rss_mib": memory.rss / 2**20,
-            "idle_pss_mib": idle_pss / 2**20, "idle_rss_mib": idle_rss / 2**20}
+            "idle_pss_mib": idle_pss / 2**20, "idle_rss_mib": idle_rss / 2**20,
+            "main_cpu_us_per_sample": 1e6 * main_cpu / samples, "worker_cpu_us_per_sample": 1e6 * worker_cpu / samples}
 
 
 def run_child(spec: dict, env: dict) -> dict:
@@ -190,23 +226,107 @@ def run_child(spec: dict, env: dict) -> dict:
 
 # -- profile --------------------------------------------------------------------------------------
 
+def stage_costs(paths: list[str], size: int, batch_size: int) -> None:
+    """CPU time per sample of each stage of both loaders, run alone in this process without a
+    profiler (best of 5), so the two loaders can be compared stage by stage."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torch.utils.data import default_collate
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    from kiln.datamodules.mappers import ImageClass, to_tensor
+    from kiln.datamodules.webdataset import ShardPipeline, _Faults, _seed, read_shard
+
+    n = len(paths) * SHARD_SIZE
+    mapper, pipeline = ImageClass(image_size=size), ShardPipeline(paths, Uint8Image(), batch_size)
+
+    def cost(label: str, work) -> None:
+        best = float("inf")
+        for _ in range(5):
+            start = time.process_time()
+            work()
+            best = min(best, time.process_time() - start)
+        print(f"{label:72s} {1e6 * best / n:6.1f}")
+
+    def tar_only():
+        for path in paths:
+            with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+                for member in tar:
+                    tar.extractfile(member).read()
+
+    def wds_tar():
+        for path in paths:
+            with open(path, "rb") as f:
+                for _ in group_by_keys({**x, "__url__": path} for x in tar_file_iterator(f)):
+                    pass
+
+    def batches(items):
+        return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+
+    def bare_all():
+        for batch in batches(list(bare_dataset(paths))):
+            default_collate(batch)
+
+    def kiln_all(mapper, shuffle=True):
+        def run():
+            for _ in ShardPipeline(paths, mapper, batch_size, shuffle=shuffle, batches_per_epoch=n // batch_size):
+                pass
+        return run
+
+    raw = [sample for path in paths for sample in read_shard(path, _Faults(False))]
+    decoded = [pipeline.decoder(sample) for sample in raw]
+    examples = [mapper(sample) for sample in decoded]
+    uint8 = [(torch.from_numpy(np.array(sample["jpg"])), sample["cls"]) for sample in decoded]
+    print(f"\n== CPU per sample, in-process, no profiler, {n} samples (best of 5){' ' * 24}us/sample")
+    cost("bare: open + tarfile stream mode, read every member", tar_only)
+    cost("kiln: read_shard (fsspec fetch, kiln.datamodules.tars, group_by_keys)",
+         lambda: [read_shard(path, _Faults(False)) for path in paths])
+    cost("  webdataset tar_file_iterator + group_by_keys on a plain open()", wds_tar)
+    cost("bare: PIL open + convert('RGB') + np.array",
+         lambda: [np.array(Image.open(io.BytesIO(s["jpg"])).convert("RGB")) for s in raw])
+    cost("kiln: Decoder([imagehandler('pil')]) of jpg, cls, txt", lambda: [pipeline.decoder(s) for s in raw])
+    cost("  decode1('jpg') alone (open, load, convert('RGB') twice)",
+         lambda: [pipeline.decoder.decode1("jpg", s["jpg"]) for s in raw])
+    cost("  decode1('cls') + decode1('txt')",
+         lambda: [(pipeline.decoder.decode1("cls", s["cls"]), pipeline.decoder.decode1("txt", s["txt"])) for s in raw])
+    cost("kiln: _seed + mapper.rng.seed per sample (_example)",
+         lambda: [mapper.rng.seed(_seed(0, 0, 0, 0, 0, 5, i)) for i in range(n)])
+    cost("kiln: ImageClass mapper", lambda: [mapper(s) for s in decoded])
+    cost("  to_tensor (uint8; the float conversion runs after the transfer)", lambda: [to_tensor(s["jpg"]) for s in decoded])
+    cost("  resize at native size (returns a copy)",
+         lambda: [s["jpg"].resize((size, size), Image.Resampling.BICUBIC, box=(0, 0, size, size)) for s in decoded])
+    cost("  for comparison: torch.from_numpy(np.array(image)) (uint8)",
+         lambda: [torch.from_numpy(np.array(s["jpg"])) for s in decoded])
+    cost("  for comparison: one-pass float: from_numpy(array).permute.float().mul_.sub_",
+         lambda: [torch.from_numpy(np.array(s["jpg"])).permute(2, 0, 1).float().mul_(2 / 255).sub_(1) for s in decoded])
+    cost("kiln: default_collate of dicts (float image, label, key)",
+         lambda: [default_collate(b) for b in batches(examples)])
+    cost("bare: default_collate of (uint8 image, label)", lambda: [default_collate(b) for b in batches(uint8)])
+    cost("bare: whole loop (BareTars + collate)", bare_all)
+    cost("kiln: whole ShardPipeline, ImageClass, shuffle on", kiln_all(mapper))
+    cost("kiln: whole ShardPipeline, ImageClass, shuffle off", kiln_all(mapper, shuffle=False))
+    cost("kiln: whole ShardPipeline, uint8 mapper, shuffle on", kiln_all(Uint8Image()))
+
+
 def profile(paths: list[str], size: int, batch_size: int, n: int) -> None:
-    """cProfile of both loaders in this process (num_workers=0) over n samples."""
+    """Stage costs, then cProfile of both loaders in this process (num_workers=0) over n samples:
+    the top functions by own time (cProfile inflates code made of many small calls)."""
     import cProfile
     import pstats
 
+    paths = paths[: n // SHARD_SIZE]
+    stage_costs(paths, size, batch_size)
     for loader in ("bare", "kiln"):
         spec = {"name": loader, "loader": loader, "urls": paths, "workers": 0, "batch_size": batch_size,
                 "shuffle": True, "samples": n, "size": size}
-        if loader == "bare":
-            spec["urls"] = paths[: n // SHARD_SIZE]
         prof = cProfile.Profile()
         prof.enable()
         result = measure(spec)
         prof.disable()
-        print(f"\n== {loader}, num_workers=0: {result['samples_per_s']:.0f} samples/s under cProfile")
-        stats = pstats.Stats(prof)
-        stats.sort_stats("tottime").print_stats(22)
+        print(f"\n== cProfile: {loader}, num_workers=0, {n} samples: "
+              f"{result['samples_per_s']:.0f} samples/s under the profiler")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 
 
 # -- the driver -----------------------------------------------------------------------------------
@@ -217,16 +337,19 @@ def median(rows: list[dict], key: str) -> float:
 
 def table(results: dict, ratios: dict) -> str:
     lines = ["| configuration | samples/s: median (runs) | ratio: median (per round) | samples/s after 1st batch "
-             "| time to first batch | peak memory, PSS (RSS) summed over processes | before iter() |",
-             "|---|---|---|---|---|---|---|"]
+             "| time to first batch | peak memory, PSS (RSS) summed over processes | before iter() "
+             "| CPU us/sample: main + workers |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, rows in results.items():
         ratio = ratios.get(name)
-        ratio_text = f"{ratio[1]:.2f} of {ratio[0]} ({', '.join(f'{r:.2f}' for r in ratio[2])})" if ratio else "baseline"
+        per_round = ", ".join(f"{r:.2f}" for r in ratio[2]) if ratio else ""
+        ratio_text = f"{ratio[1]:.2f} of {ratio[0]} ({per_round})" if ratio else "baseline"
         runs = ", ".join(f"{r['samples_per_s']:.0f}" for r in rows)
         lines.append(f"| {name} | {median(rows, 'samples_per_s'):.0f} ({runs}) | {ratio_text} "
                      f"| {median(rows, 'samples_per_s_after_first'):.0f} | {median(rows, 'first_batch_s'):.2f} s "
                      f"| {median(rows, 'peak_pss_mib'):.0f} MiB ({median(rows, 'peak_rss_mib'):.0f} MiB) "
-                     f"| {median(rows, 'idle_pss_mib'):.0f} MiB |")
+                     f"| {median(rows, 'idle_pss_mib'):.0f} MiB | {median(rows, 'main_cpu_us_per_sample'):.0f} + "
+                     f"{median(rows, 'worker_cpu_us_per_sample'):.0f} |")
     return "\n".join(lines)
 
 
@@ -246,15 +369,18 @@ def versions() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", type=int, default=24576, help="samples in the shard set, read once per run")
-    parser.add_argument("--workers", default="2,0", help="DataLoader workers, comma-separated; the first is the main comparison")
+    parser.add_argument("--samples", type=int, default=32768, help="samples in the shard set, read once per run")
+    parser.add_argument("--workers", default="2,0",
+                        help="DataLoader workers, comma-separated; the first is the main comparison")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the table shows medians")
     parser.add_argument("--no-s3", action="store_true", help="skip the moto S3 runs")
     parser.add_argument("--no-unshuffled", action="store_true", help="skip kiln with shuffle=False")
+    parser.add_argument("--no-uint8", action="store_true", help="skip kiln with the uint8 mapper")
     parser.add_argument("--out", help="write the table (.md) or all results (.json) here")
-    parser.add_argument("--profile", action="store_true", help="cProfile both loaders in-process instead")
+    parser.add_argument("--profile", action="store_true",
+                        help="stage costs and cProfile of both loaders in-process, instead")
     parser.add_argument("--_run", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._run:
@@ -277,6 +403,11 @@ def main() -> None:
         if w == workers[0] and not args.no_unshuffled:
             name = f"kiln ShardPipeline, shuffle off, W={w}"
             specs.append(base | {"name": name, "loader": "kiln", "urls": paths, "workers": w, "shuffle": False})
+            ratios[name] = ("bare", bare)
+        if w == workers[0] and not args.no_uint8:
+            name = f"kiln ShardPipeline, uint8 mapper, shuffle on, W={w}"
+            specs.append(base | {"name": name, "loader": "kiln", "urls": paths, "workers": w, "shuffle": True,
+                                 "mapper": "uint8"})
             ratios[name] = ("bare", bare)
         if w == workers[0] and not args.no_s3:
             name = f"kiln ShardPipeline from S3 (moto), shuffle on, W={w}"
@@ -324,12 +455,12 @@ def main() -> None:
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             if args.out.endswith(".json"):
-                json.dump({"meta": meta, "results": results,
-                           "ratios": {k: {"against": v[0], "median": v[1], "per_round": v[2]} for k, v in ratios.items()}},
-                          f, indent=1)
+                summary = {k: {"against": v[0], "median": v[1], "per_round": v[2]} for k, v in ratios.items()}
+                json.dump({"meta": meta, "results": results, "ratios": summary}, f, indent=1)
             else:
                 f.write(f"{md}\n\n`{meta['command']}` -- {meta['date']}, {meta['cpus']} CPUs, load average "
-                        f"{meta['load_before'][0]:.2f} before / {meta['load_after'][0]:.2f} after; {meta['versions']}\n")
+                        f"{meta['load_before'][0]:.2f} before / {meta['load_after'][0]:.2f} after; "
+                        f"{meta['versions']}\n")
     print(md)
     print(json.dumps(meta, indent=1))
 

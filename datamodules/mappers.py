@@ -17,10 +17,21 @@ from PIL import Image, ImageEnhance
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp", "tif", "tiff")
 
 
-def to_tensor(image: Image.Image, mean: float = 0.5, std: float = 0.5) -> torch.Tensor:
-    """RGB PIL image -> float tensor (3, H, W), normalised as (x / 255 - mean) / std."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return (torch.from_numpy(array).permute(2, 0, 1) - mean) / std
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL image -> uint8 tensor (3, H, W).
+
+    Images travel as uint8 (NVlabs' StyleGAN loaders do the same): a quarter of the bytes
+    between worker processes and to the device, and the float conversion runs on the device,
+    in `images_to_float`, which `WebDataModule` applies after each batch's transfer."""
+    return torch.from_numpy(np.array(image if image.mode == "RGB" else image.convert("RGB"))).permute(2, 0, 1)
+
+
+def images_to_float(batch: dict) -> dict:
+    """Every uint8 image batch (B, C, H, W) in `batch` to float in [-1, 1], in place."""
+    for name, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.ndim == 4:
+            batch[name] = value.float().div_(127.5).sub_(1.0)
+    return batch
 
 
 def crop_box(size: tuple[int, int], scale: tuple[float, float], rng: random.Random) -> tuple[int, int, int, int]:
@@ -89,7 +100,8 @@ class _Mapper:
         out = []
         for i, image in enumerate(images):
             resample = Image.Resampling.NEAREST if i < len(nearest) and nearest[i] else Image.Resampling.BICUBIC
-            image = image.resize((self.image_size, self.image_size), resample, box=box)
+            if box != (0, 0, self.image_size, self.image_size):  # at its size already: no copy
+                image = image.resize((self.image_size, self.image_size), resample, box=box)
             out.append(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else image)
         return out
 

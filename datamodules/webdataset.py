@@ -32,9 +32,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import random
-import tarfile
+import re
 import time
 import warnings
 from collections import Counter
@@ -46,14 +45,17 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.autodecode import Decoder, imagehandler
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
 from kiln.datamodules.errors import DataError
+from kiln.datamodules.mappers import images_to_float
 from kiln.datamodules.shards import read_manifest
+from kiln.datamodules.tars import tar_members
 
 REASONS = ("unreadable_shard", "corrupt_shard", "decode", "missing_field", "map")
 INFO = "_kiln_data"  # the batch entry that carries a worker's position and skip counts
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+_META = re.compile(r"(.*/)?__[^/]*__($|/)")  # webdataset's metadata members, never samples
 
 Sources = dict[str, list[str]]
 
@@ -106,49 +108,27 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
 
 
-class _RetryingFile(io.RawIOBase):
-    """A shard opened through fsspec; a read that fails (a dropped connection, a 5xx, a timeout)
-    is retried with exponential back-off, reopening at the same byte offset."""
-
-    def __init__(self, url: str, retries: int = 5, backoff: float = 0.2):
-        self.url, self.retries, self.backoff = url, retries, backoff
-        self.offset, self.file, self.tail = 0, None, b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        for attempt in range(self.retries + 1):
-            try:
-                if self.file is None:
-                    self.file = fsspec.open(self.url, "rb").open()
-                    if self.offset:
-                        self.file.seek(self.offset)
-                data = self.file.read(len(buffer))
-                break
-            except _PERMANENT:
+def fetch(url: str, retries: int = 5, backoff: float = 0.2, chunk: int = 1 << 23) -> bytes:
+    """The whole object at `url`, through fsspec. A read that fails (a dropped connection, a
+    5xx, a timeout) is retried with exponential back-off, resuming at the byte it reached."""
+    chunks: list[bytes] = []
+    offset = 0
+    for attempt in range(retries + 1):
+        try:
+            with fsspec.open(url, "rb") as f:
+                if offset:
+                    f.seek(offset)
+                while data := f.read(chunk):
+                    chunks.append(data)
+                    offset += len(data)
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        except _PERMANENT:
+            raise
+        except Exception:  # noqa: BLE001 - any other failure of a remote read may be transient
+            if attempt == retries:
                 raise
-            except Exception:  # noqa: BLE001 - any other failure of a remote read may be transient
-                self._drop()
-                if attempt == self.retries:
-                    raise
-                time.sleep(self.backoff * 2**attempt)
-        buffer[: len(data)] = data
-        self.offset += len(data)
-        self.tail = (self.tail + data)[-1024:]
-        return len(data)
-
-    def _drop(self) -> None:
-        if self.file is not None:
-            try:
-                self.file.close()
-            except Exception:  # noqa: BLE001 - a broken connection may fail to close too
-                pass
-        self.file = None
-
-    def close(self) -> None:
-        self._drop()
-        super().close()
+            time.sleep(backoff * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 class _Faults:
@@ -177,23 +157,21 @@ class _Faults:
 def read_shard(url: str, faults: _Faults, retries: int = 5) -> list[dict]:
     """All samples of one shard, undecoded. A shard that ends early or is corrupt yields the
     samples before the damage."""
-    samples: list[dict] = []
     faults.shards_read += 1
     try:
-        raw = _RetryingFile(url, retries)
-        with io.BufferedReader(raw, 1 << 20) as stream:
-            files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-            for sample in group_by_keys(files):
-                samples.append(sample)
-            stream.read()
-        if raw.tail != bytes(1024):
-            # A tar ends with two zero blocks; one cut at a member boundary reads as complete.
-            raise tarfile.ReadError(f"truncated: no end-of-archive marker after {raw.offset} bytes")
-    except Exception as exn:  # noqa: BLE001 - every failure is counted by reason, or raised in strict mode
-        # A damaged tar (truncated, bad header, a name twice) is corrupt; anything else is the
-        # storage failing to deliver it, after the retries.
-        corrupt = isinstance(exn, (tarfile.TarError, ValueError))
-        faults.skip("corrupt_shard" if corrupt else "unreadable_shard", url, None, exn)
+        members, damage = tar_members(fetch(url, retries))
+    except Exception as exn:  # noqa: BLE001 - counted by reason, or raised in strict mode
+        faults.skip("unreadable_shard", url, None, exn)
+        return []
+    samples: list[dict] = []
+    files = ({"fname": name, "data": data, "__url__": url} for name, data in members if not _META.match(name))
+    try:
+        for sample in group_by_keys(files):
+            samples.append(sample)
+    except ValueError as exn:  # a file name twice in one sample
+        damage = damage or exn
+    if damage is not None:
+        faults.skip("corrupt_shard", url, None, damage)
     return samples
 
 
@@ -466,6 +444,9 @@ class WebDataModule(L.LightningDataModule):
         self._progress = copy.deepcopy(resume) or {"epoch": epoch, "fingerprint": self._fingerprint,
                                                    "consumed": 0, "workers": {}}
         return epoch, resume
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        return images_to_float(batch) if isinstance(batch, dict) else batch
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         info = batch.pop(INFO, None) if isinstance(batch, dict) else None

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kiln.datamodules.errors import DataError
-from kiln.datamodules.mappers import ImageText
+from kiln.datamodules.mappers import ImageText, images_to_float
 from kiln.datamodules.webdataset import ShardPipeline, expand_urls
 
 
@@ -27,8 +27,10 @@ def test_batches_and_rank_split(emoji_shards):
     mapper = ImageText(image_size=24)
     whole = ShardPipeline(urls, mapper, batch_size=16, shuffle=False)
     batch = next(iter(whole))
-    assert batch["image"].shape == (16, 3, 24, 24) and batch["image"].dtype == torch.float32
-    assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0 and len(batch["caption"]) == 16
+    # Images travel as uint8; the DataModule makes them float in [-1, 1] on the device.
+    assert batch["image"].shape == (16, 3, 24, 24) and batch["image"].dtype == torch.uint8
+    image = images_to_float(batch)["image"]
+    assert image.dtype == torch.float32 and -1.0 <= image.min() and image.max() <= 1.0 and len(batch["caption"]) == 16
     all_keys = keys_of(whole)
     assert len(all_keys) == len(set(all_keys)) == 320
     ranks = [keys_of(ShardPipeline(urls, mapper, 16, rank=r, world_size=2, shuffle=True, seed=3)) for r in range(2)]

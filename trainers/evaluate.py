@@ -25,6 +25,8 @@ def evaluate_clip(models: list, data: L.LightningDataModule, metrics: list[str],
     pairs: list[list[tuple]] = [[] for _ in models]
     seen: set[str] = set()
     for batch in data.val_dataloader():
+        # What Lightning does to each batch on its way to the model (uint8 images to float).
+        batch = data.on_after_batch_transfer(data.on_before_batch_transfer(batch, 0), 0)
         keep = [i for i, k in enumerate(batch["key"]) if k not in seen]
         seen.update(batch["key"])
         for model, out in zip(models, pairs):
