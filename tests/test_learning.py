@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,7 @@ def test_short_clip_learns_across_styles(emoji_shards, tmp_path):
 def test_full_clip_learning_check(held_out):
     """Issue #2's bar: text -> image top-1 among 100 candidates >= 25% on the held-out style."""
     run = Path(os.environ.get("KILN_LEARNING_DIR", REPO / "runs" / "learning")) / f"clip-heldout-{held_out}"
+    shutil.rmtree(run, ignore_errors=True)  # a fresh run: nothing of an earlier check's state
     m = _fit_and_eval(run, "configs/clip/learn.yaml", held_out)
     print(json.dumps({k: v for k, v in m.items() if "top" in k}, indent=1))
     assert m["retrieval/top1"] >= 0.25, m

@@ -47,6 +47,8 @@ def _fit(tmp: Path, name: str, shards: str, devices: int, steps: int, resume_fro
 
 def _shards_read(run: Path) -> int:
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    # The resumed fit wrote into the same run directory: its last.ckpt replaced the first one's.
+    assert ckpt["global_step"] == 2 * STEPS and not list((run / "checkpoints").glob("last-v*"))
     return sum(rank["shards_read"] for rank in ckpt["WebDataModule"]["ranks"])
 
 

@@ -127,10 +127,12 @@ class RunDirectory(L.Callback):
 class LastCheckpoint(ModelCheckpoint):
     """`last.ckpt` every N steps and, always, at the end of training: Lightning's own end-of-fit
     save is skipped once any `last` was written, which would leave a time-limited run's final
-    steps unsaved."""
+    steps unsaved. A rerun into the same run directory (a resume, typically) replaces
+    `last.ckpt` instead of writing `last-v1.ckpt` beside a stale one."""
 
     def __init__(self, dirpath: str, every_n_train_steps: int):
-        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps)
+        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps,
+                         enable_version_counter=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._last_global_step_saved != trainer.global_step:
