@@ -108,5 +108,6 @@ def test_reads_survive_a_proxy_that_cuts_connections(s3_server, s3_bucket, emoji
     finally:
         proxy.stop()
         s3fs.S3FileSystem.clear_instance_cache()
+    print(f"the proxy cut {proxy.cuts} of {proxy.connections} connections")
     assert proxy.cuts >= len(urls) // 3
     assert skipped == {} and len(keys) == len(set(keys)) == 320
