@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from kiln.datamodules.errors import DataError
-from kiln.datamodules.shards import write_shards
+from kiln.datamodules.shards import png_bytes, write_shards
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 FASHION_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat",
@@ -50,17 +50,11 @@ DIGITS_TEST = 300
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _gray_png(pixels: np.ndarray, size: int) -> bytes:
     image = Image.fromarray(pixels)
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.LANCZOS)
-    return _png(image)
+    return png_bytes(image)
 
 
 def _labelled(key: str, png: bytes, label: int, caption: str, info: dict) -> dict:
@@ -196,7 +190,7 @@ class ImageFolder:
         if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
             image = image.convert("RGBA")
             image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
-        return "png", _png(ImageOps.fit(image.convert("RGB"), (size, size), Image.Resampling.LANCZOS))
+        return "png", png_bytes(ImageOps.fit(image.convert("RGB"), (size, size), Image.Resampling.LANCZOS))
 
     def caption(self, stem: str) -> bytes | None:
         rel = f"{stem}.txt"

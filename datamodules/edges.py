@@ -24,10 +24,9 @@ import fsspec
 import numpy as np
 import torch
 from PIL import Image
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from kiln.datamodules.errors import DataError
-from kiln.datamodules.shards import read_manifest, write_shards
+from kiln.datamodules.shards import png_bytes, read_manifest, write_shards
 from kiln.modules.blocks.hed import load_hed
 
 VERSION = 1
@@ -58,11 +57,12 @@ def _splits(source: str | None, size: int) -> tuple[str, dict[str, list[str]], d
 
 
 def _read(urls: list[str]) -> Iterator[dict]:
-    """Raw samples (`__key__`, `__url__`, one bytes value per field), shard after shard; fsspec
-    opens every URL because webdataset's own opener has no s3 scheme."""
+    """Raw samples (`__key__`, `__url__`, one bytes value per field), shard after shard, read as
+    the training pipeline reads them (fsspec, retries); a damaged shard is an error here."""
+    from kiln.datamodules.webdataset import _Faults, read_shard
+
     for url in urls:
-        with fsspec.open(url, "rb") as stream:
-            yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+        yield from read_shard(url, _Faults(strict=True))
 
 
 def _image(sample: dict, size: int) -> Image.Image:
@@ -85,12 +85,6 @@ def _image(sample: dict, size: int) -> Image.Image:
     return image
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _batches(samples: Iterable[dict], batch_size: int) -> Iterator[list[dict]]:
     batch = []
     for sample in samples:
@@ -110,8 +104,8 @@ def _edge_samples(samples: Iterable[dict], hed, size: int, batch_size: int) -> I
             p = hed.edges(x)[:, 0]
         ink = (255 - torch.round(p * 255)).to(torch.uint8).numpy()
         for sample, image, edges in zip(batch, images, ink):
-            yield {"__key__": sample["__key__"], "input.png": _png(Image.fromarray(edges)),
-                   "target.png": _png(image), **{f: sample[f] for f in KEEP_FIELDS if f in sample}}
+            yield {"__key__": sample["__key__"], "input.png": png_bytes(Image.fromarray(edges)),
+                   "target.png": png_bytes(image), **{f: sample[f] for f in KEEP_FIELDS if f in sample}}
 
 
 def write_edge_shards(out: str, source: str | None = None, size: int = 64, shard_size: int = 256,

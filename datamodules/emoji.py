@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import hashlib
 import importlib.util
-import io
 import json
 import multiprocessing
 import os
@@ -35,7 +34,7 @@ from collections.abc import Iterator, Sequence
 
 from PIL import Image, ImageDraw, ImageFont, features
 
-from kiln.datamodules.shards import read_manifest, write_shards
+from kiln.datamodules.shards import png_bytes, read_manifest, write_shards
 
 STYLES = ("twemoji", "noto", "openmoji")
 MANIFEST_VERSION = 2  # 2: samples written in a seeded random order
@@ -217,9 +216,7 @@ def render(emoji: Emoji, style: str, size: int) -> Image.Image:
 
 
 def _encode(job: tuple[Emoji, str, int]) -> bytes:
-    buffer = io.BytesIO()
-    render(*job).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png_bytes(render(*job))
 
 
 def _samples(emojis: list[Emoji], style: str, size: int, pool) -> Iterator[dict]:

@@ -12,6 +12,7 @@ sha256; readers use the counts to size epochs (`kiln.datamodules.webdataset`).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -32,6 +33,13 @@ class _Hashing:
         self.sha256.update(data)
         self.bytes += len(data)
         return self.stream.write(data)
+
+
+def png_bytes(image) -> bytes:
+    """A PIL image as PNG file bytes, the usual image field of a shard sample."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _put_json(fs, path: str, obj: dict) -> None:

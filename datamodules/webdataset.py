@@ -85,6 +85,10 @@ def expand_urls(urls: str | list[str]) -> list[str]:
     return out
 
 
+def _as_sources(urls: str | list[str] | dict) -> dict:
+    return {name: expand_urls(u) for name, u in urls.items()} if isinstance(urls, dict) else {"": expand_urls(urls)}
+
+
 def manifest_counts(urls: list[str]) -> list[int] | None:
     """Sample counts of `urls` from the manifest.json `kiln data` writes beside its shards (in the
     shard's folder or the one above), or None if a shard is not listed."""
@@ -207,8 +211,8 @@ class ShardPipeline(IterableDataset):
         drop_last: bool = True,
         split: str = "train",
     ):
-        if isinstance(sources, (str, list)):
-            sources = {"": expand_urls(sources)}
+        if not isinstance(sources, dict):
+            sources = _as_sources(sources)
         self.sources, self.mapper, self.batch_size = sources, mapper, batch_size
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
@@ -260,15 +264,15 @@ class ShardPipeline(IterableDataset):
             pass_, shard = pass_ + 1, 0
 
     def _example(self, items: dict[str, tuple[dict, tuple]], worker: int, faults: _Faults) -> dict | None:
+        raw, position = next(iter(items.values()))  # the first source names the sample and seeds it
         try:
             decoded = {name: self.decoder(sample) for name, (sample, _) in items.items()}
         except Exception as exn:  # noqa: BLE001 - counted and skipped, or raised in strict mode
-            sample = next(iter(items.values()))[0]
-            faults.skip("decode", sample["__url__"], sample["__key__"], exn)
+            faults.skip("decode", raw["__url__"], raw["__key__"], exn)
             return None
         first = next(iter(decoded.values()))
         if hasattr(self.mapper, "rng"):
-            self.mapper.rng.seed(_seed(self.seed, self.epoch, self.rank, worker, *next(iter(items.values()))[1]))
+            self.mapper.rng.seed(_seed(self.seed, self.epoch, self.rank, worker, *position))
         try:
             return self.mapper(first if list(decoded) == [""] else decoded)
         except Exception as exn:  # noqa: BLE001
@@ -326,10 +330,6 @@ class _EpochLoader(DataLoader):
     def __iter__(self):
         self.dataset.epoch, self.dataset.resume = self.start()
         return super().__iter__()
-
-
-def _as_sources(urls: str | list[str] | dict) -> dict:
-    return {name: expand_urls(u) for name, u in urls.items()} if isinstance(urls, dict) else {"": expand_urls(urls)}
 
 
 class WebDataModule(L.LightningDataModule):
