@@ -89,3 +89,38 @@ def kiln(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | 
 
 def read_metrics(run_dir: Path | str) -> list[dict]:
     return [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+
+
+def small_clip_config(path: Path, emoji_shards: str, steps: int, every: int, clip: float = 0.05) -> Path:
+    """A CLIP small enough for multi-process tests (65k parameters, 2 ranks x 8 samples a step),
+    layered over configs/clip/tiny.yaml; gradient clipping on, so strategies must clip alike."""
+    path.write_text(f"""\
+model:
+  init_args:
+    embed_dim: 32
+    vision: {{image_size: 16, patch_size: 4, width: 32, layers: 2, heads: 2}}
+    text: {{context_length: 64, width: 32, layers: 2, heads: 2, length_buckets: 1}}
+    warmup_steps: 2
+data:
+  init_args:
+    root: {emoji_shards}
+    build_size: 32
+    batch_size: 8
+    num_workers: 1
+    mapper:
+      class_path: kiln.datamodules.mappers.ImageText
+      init_args: {{image_size: 16}}
+trainer:
+  accelerator: cpu
+  devices: 2
+  max_steps: {steps}
+  limit_val_batches: 0
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  gradient_clip_val: {clip}
+checkpoint:
+  every_n_train_steps: {every}
+wandb:
+  mode: disabled
+""")
+    return path

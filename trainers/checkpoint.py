@@ -20,10 +20,13 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, foreign, or from another family."""
 
 
-def load_checkpoint(path: str) -> dict[str, Any]:
+def load_checkpoint_dict(path: str) -> dict[str, Any]:
+    """Any checkpoint file (single-file, or a sharded checkpoint's pointer), read as data only."""
     fs, p = fsspec.core.url_to_fs(path)
     if not fs.exists(p):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if fs.isdir(p):
+        raise CheckpointError(f"{path} is a directory, not a kiln checkpoint (give the .ckpt file beside its shards)")
     try:
         with fsspec.open(path, "rb") as f:
             ckpt = torch.load(f, map_location="cpu", weights_only=True)
@@ -32,8 +35,20 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         raise CheckpointError(f"refusing to load {path}: it holds more than weights ({first})") from None
     except Exception as e:  # noqa: BLE001 - any decoding failure is the same user-facing problem
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(ckpt, dict) or "kiln" not in ckpt or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path} is not a kiln checkpoint (no kiln metadata or state_dict)")
+    if not isinstance(ckpt, dict) or "kiln" not in ckpt:
+        raise CheckpointError(f"{path} is not a kiln checkpoint (no kiln metadata)")
+    return ckpt
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """A kiln checkpoint with its full `state_dict`; a sharded one is consolidated in memory."""
+    from kiln.trainers.sharded import SHARDS, consolidate
+
+    ckpt = load_checkpoint_dict(path)
+    if SHARDS in ckpt:
+        ckpt = consolidate(path)
+    if "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a kiln checkpoint (no state_dict)")
     return ckpt
 
 
@@ -42,7 +57,7 @@ def family_of(ckpt: dict[str, Any]) -> str:
 
 
 def check_family(path: str, expected: str) -> None:
-    family = family_of(load_checkpoint(path))
+    family = family_of(load_checkpoint_dict(path))
     if family != expected:
         raise CheckpointError(f"{path} is a '{family}' checkpoint, but this config trains '{expected}'")
 

@@ -3,6 +3,8 @@
     kiln fit -c configs/<family>/tiny.yaml [-c more.yaml] [--key value] [--run_dir DIR]
     kiln eval --ckpt CKPT [--metrics a,b] --out metrics.json
     kiln data <builder> --out URL
+    kiln consolidate CKPT --out FILE
+    kiln slurm -c CONFIG --nodes N --gpus-per-node G [--submit]
 
 `fit` (and validate/test) is a LightningCLI: YAML checked against constructor type hints,
 composed with repeated -c, any key overridable. Every failure a user can cause is reported as
@@ -16,15 +18,21 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
+import fsspec
 import lightning as L
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from kiln.datamodules.webdataset import DataMetrics
 from kiln.trainers.checkpoint import CheckpointError, check_family
-from kiln.trainers.run_dir import AtomicCheckpointIO, JsonlLogger, LastCheckpoint, RunDirectory, default_run_dir, is_url
+from kiln.launch.env import in_slurm_job, under_torchrun
+from kiln.trainers.preemption import Preemption
+from kiln.trainers.strategies import ParameterSharding
+from kiln.trainers.run_dir import (AtomicCheckpointIO, JsonlLogger, LastCheckpoint, RunDirectory, default_run_dir,
+                                   is_url, wandb_run_id)
 
 
 @dataclass
@@ -82,7 +90,7 @@ class KilnCLI(LightningCLI):
             loggers.append(WandbLogger(
                 save_dir=save_dir, project=cfg.wandb.project, entity=cfg.wandb.entity,
                 name=cfg.wandb.name or os.path.basename(run_dir.rstrip("/")), tags=cfg.wandb.tags,
-                offline=cfg.wandb.mode == "offline",
+                offline=cfg.wandb.mode == "offline", id=wandb_run_id(run_dir), resume="allow",
             ))
         user_logger = trainer_cfg.get("logger")
         if isinstance(user_logger, Logger):
@@ -96,11 +104,16 @@ class KilnCLI(LightningCLI):
             RunDirectory(run_dir, config_yaml),
             LastCheckpoint(f"{run_dir}/checkpoints", cfg.checkpoint.every_n_train_steps),
             DataMetrics(),
+            ParameterSharding(),
+            Preemption(),
         ]
         if trainer_cfg.get("enable_progress_bar", True) is not False:
             callbacks.append(RichProgressBar())
         plugins = trainer_cfg.get("plugins") or []
-        trainer_cfg["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
+        plugins = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
+        if in_slurm_job() and not under_torchrun():  # srun tasks; kiln's Preemption callback requeues
+            plugins.append(SLURMEnvironment(auto_requeue=False))
+        trainer_cfg["plugins"] = plugins
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         return self._instantiate_trainer(trainer_cfg, [*extra, *callbacks])
 
@@ -111,7 +124,14 @@ class KilnCLI(LightningCLI):
         return
 
     def before_fit(self) -> None:
-        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        cfg = self.config[self.subcommand]
+        if cfg.get("ckpt_path") == "auto":
+            # Resume this run directory's last checkpoint if there is one (a requeued job), else start.
+            last = f"{cfg.run_dir.rstrip('/')}/checkpoints/last.ckpt"
+            fs, path = fsspec.core.url_to_fs(last)
+            cfg.ckpt_path = last if fs.isfile(path) else None
+            self.config_init[self.subcommand].ckpt_path = cfg.ckpt_path
+        ckpt_path = cfg.get("ckpt_path")
         family = getattr(self.model, "family", None)
         if ckpt_path and ckpt_path not in ("last", "best", "hpc") and family:
             check_family(ckpt_path, family)
@@ -157,9 +177,11 @@ def _fit(args: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"fit": _fit, "validate": _fit, "test": _fit}
-    from kiln.trainers import data_cli, evaluate
+    from kiln.launch import slurm
+    from kiln.trainers import data_cli, evaluate, sharded
 
-    commands |= {"eval": lambda a: evaluate.main(a), "data": lambda a: data_cli.main(a)}
+    commands |= {"eval": lambda a: evaluate.main(a), "data": lambda a: data_cli.main(a),
+                 "consolidate": lambda a: sharded.main(a), "slurm": lambda a: slurm.main(a)}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip().split("\n\n")[1] if argv and argv[0] in ("-h", "--help") else
               f"usage: kiln {{{','.join(commands)}}} ...", file=sys.stderr if argv[:1] != ["-h"] else sys.stdout)

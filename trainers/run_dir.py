@@ -23,6 +23,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
+from kiln.launch.env import global_rank, job_id
+
 
 
 def is_url(path: str) -> bool:
@@ -36,10 +38,24 @@ def default_run_dir(config_paths: list[str]) -> str:
     if config_paths:
         p = os.path.abspath(str(config_paths[0]))
         name = f"{os.path.basename(os.path.dirname(p))}-{os.path.splitext(os.path.basename(p))[0]}"
-    run_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
-    if not run_id or run_id == "none":
-        run_id = time.strftime("%Y%m%d-%H%M%S")
+    run_id = job_id() or time.strftime("%Y%m%d-%H%M%S")
     return os.path.join("runs", name, run_id)
+
+
+def wandb_run_id(run_dir: str) -> str:
+    """The W&B run id of this run directory: made once by rank 0 and kept in `DIR/wandb-id`, so a
+    resumed or requeued run logs into the same W&B run."""
+    import uuid
+
+    path = f"{run_dir.rstrip('/')}/wandb-id"
+    fs, p = fsspec.core.url_to_fs(path)
+    if fs.exists(p):
+        return fs.cat_file(p).decode().strip()
+    run_id = uuid.uuid4().hex[:12]
+    if global_rank() == 0:
+        fs.makedirs(os.path.dirname(p), exist_ok=True)
+        fs.pipe_file(p, run_id.encode())
+    return run_id
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -53,6 +69,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = f"{path}.tmp-{os.getpid()}"
         _atomic_save(checkpoint, tmp)
         fs.mv(tmp, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        # Read as data only; a sharded checkpoint (FSDP2) is gathered into the single-file layout.
+        from kiln.trainers.sharded import as_single_file
+
+        return as_single_file(str(path))
 
 
 class JsonlLogger(Logger):

@@ -130,7 +130,8 @@ class CLIP(nn.Module):
         self.cfg = cfg
         self.visual = VisionTransformer(cfg.vision, cfg.embed_dim)
         self.text = TextTransformer(cfg.text, cfg.embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
+        # Shape (1,), not a scalar: FSDP2 shards along dim 0.
+        self.logit_scale = nn.Parameter(torch.full((1,), cfg.init_logit_scale))
 
     # Declared for trainers/: the repeated units that FSDP shards and checkpointing wraps.
     shard_units = (Block,)
@@ -144,7 +145,7 @@ class CLIP(nn.Module):
         return F.normalize(z, dim=-1) if normalize else z
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
-        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
+        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp().squeeze(0)
 
     def components(self) -> dict[str, nn.Module]:
         return {"image": self.visual, "text": self.text}

@@ -1,0 +1,92 @@
+"""Two "nodes" on one machine: two network namespaces joined by a veth pair (shared/INFRA.md,
+"Two nodes on one machine"). Needs root and `ip netns`; the fixture skips without them.
+
+    from tests.netns import two_nodes  # noqa: F401  (makes the fixture visible)
+
+    def test_x(two_nodes):
+        procs = [two_nodes.popen(i, two_nodes.torchrun_argv(i, 2, 1, 29500, ["train.py"]))
+                 for i in range(2)]
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Iterator
+
+import pytest
+
+
+@dataclass(frozen=True)
+class Node:
+    netns: str  # namespace name
+    addr: str  # its address on the veth pair
+    ifname: str  # its end of the veth pair
+
+
+class TwoNodes:
+    def __init__(self, nodes: list[Node]):
+        self.nodes = nodes
+
+    def popen(self, node_index: int, argv: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
+        """Runs argv inside the node's namespace, with gloo bound to its veth."""
+        node = self.nodes[node_index]
+        env = {**(os.environ if env is None else env), "GLOO_SOCKET_IFNAME": node.ifname}
+        return subprocess.Popen(["ip", "netns", "exec", node.netns, *argv], env=env, **kw)
+
+    def torchrun_argv(self, node_index: int, nnodes: int, nproc_per_node: int, port: int,
+                      script_args: list[str], join_timeout: int | None = None) -> list[str]:
+        """torchrun with c10d rendezvous hosted by node 0; run it through `popen`, which sets
+        GLOO_SOCKET_IFNAME, the third setting INFRA.md found required."""
+        conf = f"is_host={int(node_index == 0)}"
+        if join_timeout is not None:
+            conf += f",join_timeout={join_timeout}"
+        return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
+                f"--nproc_per_node={nproc_per_node}", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint={self.nodes[0].addr}:{port}", f"--rdzv_conf={conf}",
+                f"--local_addr={self.nodes[node_index].addr}", *script_args]
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+@contextlib.contextmanager
+def two_node_namespaces() -> Iterator[TwoNodes]:
+    """Creates kiln-n0-<pid> and kiln-n1-<pid> at 10.200.0.1/24 and 10.200.0.2/24; always removes
+    them (which also removes the veth pair)."""
+    pid = os.getpid()
+    nodes = [Node(f"kiln-n{i}-{pid}", f"10.200.0.{i + 1}", f"veth{i}") for i in range(2)]
+    made: list[str] = []
+    try:
+        for node in nodes:
+            _ip("netns", "add", node.netns)
+            made.append(node.netns)
+        a, b = nodes
+        _ip("link", "add", a.ifname, "netns", a.netns, "type", "veth",
+            "peer", "name", b.ifname, "netns", b.netns)
+        for node in nodes:
+            _ip("-n", node.netns, "addr", "add", f"{node.addr}/24", "dev", node.ifname)
+            _ip("-n", node.netns, "link", "set", node.ifname, "up")
+            _ip("-n", node.netns, "link", "set", "lo", "up")
+        yield TwoNodes(nodes)
+    finally:
+        for name in made:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def two_nodes() -> Iterator[TwoNodes]:
+    if os.geteuid() != 0:
+        pytest.skip("two-node tests need root to create network namespaces")
+    setup = two_node_namespaces()
+    try:
+        nodes = setup.__enter__()
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"`ip netns` unavailable: {getattr(e, 'stderr', None) or e}")
+    try:
+        yield nodes
+    finally:
+        setup.__exit__(None, None, None)

@@ -1,0 +1,336 @@
+"""How a run is spread over processes, picked by config (configs/trainer/*.yaml):
+
+    cpu.yaml    one process
+    ddp.yaml    DDP: every rank holds the whole model (gloo on CPU, NCCL on GPU)
+    fsdp.yaml   FSDP2 (`FSDP2`): each family's declared shard units, then the rest, are `fully_shard`ed
+    zero2.yaml  DeepSpeed ZeRO-2 (`DeepSpeedZeRO`): optimizer state and gradients sharded
+    zero3.yaml  DeepSpeed ZeRO-3: parameters sharded too
+
+Families declare their shard units with `shard_units()` (the transformer block, the U-Net's
+residual block); FSDP2 shards each one and activation checkpointing wraps the same blocks.
+Sharded strategies write checkpoints through `kiln.trainers.sharded`: shards on any fsspec URL,
+a pointer written last and atomically, and nothing unpickled on the way back.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
+from torch import nn
+
+from kiln.trainers import sharded
+from kiln.trainers.checkpoint import CheckpointError
+
+
+def shard_units(module: nn.Module) -> tuple[type, ...]:
+    units = getattr(module, "shard_units", None)
+    return tuple(units()) if callable(units) else ()
+
+
+def parameter_numel(module: nn.Module) -> tuple[int, int]:
+    """(elements this rank stores, elements of the whole model) over parameters, for any strategy:
+    FSDP2's DTensors hold a local shard, ZeRO-3 parameters a `ds_tensor` partition."""
+    local = total = 0
+    for p in module.parameters():
+        if hasattr(p, "ds_tensor"):  # ZeRO-3
+            local += p.ds_tensor.numel()
+            total += p.ds_numel
+        elif hasattr(p, "to_local"):  # DTensor
+            local += p.to_local().numel()
+            total += p.numel()
+        else:
+            local += p.numel()
+            total += p.numel()
+    return local, total
+
+
+class ParameterSharding(L.Callback):
+    """Logs how parameters are spread: `dist/params_total` and `dist/params_local_max` (the most
+    elements any one rank stores), so a sharded run shows it holds about 1/world per rank."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        local, total = parameter_numel(pl_module)
+        per_rank = trainer.strategy.all_gather(torch.tensor(local, device=pl_module.device))
+        metrics = {"dist/params_total": float(total), "dist/params_local_max": float(per_rank.max()),
+                   "dist/world_size": float(trainer.world_size)}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+
+class ActivationCheckpointing(L.Callback):
+    """Recomputes each declared shard unit's activations in the backward pass instead of storing
+    them: memory for compute, under any strategy (applied before DDP/FSDP2/DeepSpeed wrap)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            apply_activation_checkpointing,
+            checkpoint_wrapper,
+        )
+
+        units = shard_units(pl_module)
+        if not units:
+            raise ValueError(f"activation checkpointing: {type(pl_module).__name__} declares no shard_units()")
+        apply_activation_checkpointing(pl_module, checkpoint_wrapper_fn=checkpoint_wrapper,
+                                       check_fn=lambda m: isinstance(m, units))
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    return None if name is None else {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+class FSDP2(ModelParallelStrategy):
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`) over all ranks.
+
+    Args:
+        reshard_after_forward: free gathered parameters after each unit's forward (ZeRO-3-like);
+            False keeps them until backward (ZeRO-2-like, more memory, less communication).
+        param_dtype / reduce_dtype: mixed precision ("bf16" on GPU): compute and gradient
+            reduction dtypes; the sharded master weights and optimizer state stay fp32.
+        timeout_s: collective and rendezvous timeout.
+    """
+
+    def __init__(self, reshard_after_forward: bool = True, param_dtype: str | None = None,
+                 reduce_dtype: str | None = None, timeout_s: float = 1800.0, **kwargs: Any):
+        super().__init__(timeout=timedelta(seconds=timeout_s), **kwargs)
+        self.reshard_after_forward = reshard_after_forward
+        self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
+
+    def setup_environment(self) -> None:
+        # Pure data parallel: every rank is a data-parallel rank (no tensor parallelism).
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+        # Lightning calls `configure_model` next, at the point where parallelizing belongs.
+        module = self.lightning_module
+        family_hook = module.configure_model
+
+        def configure_model() -> None:
+            family_hook()
+            self.parallelize(module)
+
+        module.configure_model = configure_model
+
+    def parallelize(self, module: L.LightningModule) -> None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        units = shard_units(module)
+        if not units:
+            raise ValueError(f"FSDP2: {type(module).__name__} declares no shard_units()")
+        policy = MixedPrecisionPolicy(param_dtype=_dtype(self.param_dtype), reduce_dtype=_dtype(self.reduce_dtype))
+        kwargs = {"mesh": self.device_mesh["data_parallel"], "mp_policy": policy,
+                  "reshard_after_forward": self.reshard_after_forward}
+        for sub in list(module.modules()):
+            if isinstance(sub, units):
+                fully_shard(sub, **kwargs)
+        # What is left (embeddings, norms, heads): one unit per top-level child.
+        for child in module.children():
+            if any(True for _ in child.parameters()):
+                fully_shard(child, **kwargs)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any = None) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        pointer = self.broadcast(str(filepath))
+        name, url = self.broadcast(sharded.shard_dir(pointer, checkpoint.get("global_step", 0)))
+        state = {"state_dict": checkpoint.pop("state_dict")}
+        for i, optim_state in enumerate(checkpoint.pop("optimizer_states", [])):
+            state[f"optimizer_{i}"] = optim_state
+        dcp.save(state, storage_writer=sharded.dcp_writer(url))
+        self.barrier("kiln.shards_written")
+        if self.global_rank == 0:
+            sharded.write_pointer(pointer, checkpoint, {"format": "dcp", "dir": name, "world_size": self.world_size}, name)
+        self.barrier("kiln.pointer_written")
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = self.broadcast(str(checkpoint_path))
+        ckpt, shards = sharded.read_pointer(path)
+        module, strict = self.lightning_module, self.lightning_module.strict_loading
+        if shards is None:  # a single-file checkpoint (DDP, one process, consolidated)
+            full = StateDictOptions(full_state_dict=True, strict=strict)
+            set_model_state_dict(module, ckpt.pop("state_dict"), options=full)
+            for optimizer, state in zip(self.optimizers, ckpt.pop("optimizer_states", [])):
+                set_optimizer_state_dict(module, optimizer, sharded.by_name(state, optimizer, module), options=full)
+            return ckpt
+        if shards["format"] != "dcp":
+            raise CheckpointError(f"{path} is {sharded.describe(shards)}; FSDP2 reads DCP or single-file "
+                                  f"checkpoints (`kiln consolidate {path} --out FILE` makes one)")
+        state = {"state_dict": get_model_state_dict(module)}
+        sharded.load_dcp(state, shards["url"])
+        set_model_state_dict(module, state["state_dict"], options=StateDictOptions(strict=strict))
+        for i, optimizer in enumerate(self.optimizers):
+            state = {f"optimizer_{i}": get_optimizer_state_dict(module, optimizer)}
+            sharded.load_dcp(state, shards["url"])
+            set_optimizer_state_dict(module, optimizer, state[f"optimizer_{i}"])
+        return ckpt
+
+
+class DeepSpeedZeRO(DeepSpeedStrategy):
+    """DeepSpeed ZeRO through Lightning, also on CPU with gloo (Lightning's own refuses the CPU in
+    three places), with kiln's sharded checkpoints.
+
+    Args:
+        stage: 2 shards optimizer state and gradients, 3 the parameters too.
+        param_persistence_threshold: ZeRO-3 keeps parameters smaller than this unsharded
+            (DeepSpeed's default 1e5 suits GPUs; 0 shards every parameter).
+        timeout_s: collective timeout.
+    """
+
+    def __init__(self, stage: int = 3, param_persistence_threshold: int | None = None,
+                 timeout_s: float = 1800.0, **kwargs: Any):
+        super().__init__(stage=stage, timeout=timedelta(seconds=timeout_s), **kwargs)
+        if param_persistence_threshold is not None:
+            self.config["zero_optimization"]["stage3_param_persistence_threshold"] = param_persistence_threshold
+
+    def setup_environment(self) -> None:
+        if self.root_device.type == "cpu":
+            DDPStrategy.setup_environment(self)  # skip the CUDA-only check
+        else:
+            super().setup_environment()
+
+    def setup_distributed(self) -> None:
+        if self.root_device.type != "cpu":
+            return super().setup_distributed()
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _auto_select_batch_size(self) -> int:
+        # Lightning asks the train loader's sampler; kiln's streaming loaders batch in the pipeline.
+        return getattr(self.lightning_module.trainer.datamodule, "batch_size", 1)
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        import argparse
+
+        import deepspeed
+
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.root_device.index or 0),
+            config=self.config, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+            model_parameters=[p for p in model.parameters() if p.requires_grad], dist_init_required=False,
+        )
+        engine.checkpoint_engine = _WeightsOnlyEngine(engine.checkpoint_engine)
+        return engine, ds_optimizer
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any = None) -> None:
+        pointer = self.broadcast(str(filepath))
+        name, url = self.broadcast(sharded.shard_dir(pointer, checkpoint.get("global_step", 0)))
+        rest = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        with _local_dir(url, upload=True) as local:
+            self.deepspeed_engine.save_checkpoint(local, client_state={}, tag="checkpoint",
+                                                  exclude_frozen_parameters=self.exclude_frozen_parameters)
+        self.barrier("kiln.shards_written")
+        if self.global_rank == 0:
+            shards = {"format": "deepspeed", "dir": name, "world_size": self.world_size, "stage": self.config[
+                "zero_optimization"]["stage"]}
+            sharded.write_pointer(pointer, rest, shards, name)
+        self.barrier("kiln.pointer_written")
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        path = self.broadcast(str(checkpoint_path))
+        ckpt, shards = sharded.read_pointer(path)
+        if shards is None or shards["format"] != "deepspeed":
+            raise CheckpointError(f"{path} is {sharded.describe(shards)}; DeepSpeed resumes only its own "
+                                  "checkpoints (start from the weights with `model.init_args.weights` instead)")
+        if shards["world_size"] != self.world_size:
+            raise CheckpointError(f"{path} was written by {shards['world_size']} ranks; DeepSpeed reloads it only "
+                                  f"on the same number (this run has {self.world_size})")
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        with _local_dir(shards["url"], upload=False) as local:
+            loaded, _ = self.deepspeed_engine.load_checkpoint(
+                local, tag="checkpoint", load_optimizer_states=fitting, load_lr_scheduler_states=False,
+                load_module_strict=self.lightning_module.strict_loading)
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed could not load the shards of {path}")
+        return ckpt
+
+
+class _WeightsOnlyEngine:
+    """DeepSpeed's checkpoint engine, reading every file as data (`weights_only=True`)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location=None):
+        return _load_deepspeed_file(path, map_location)
+
+
+def _deepspeed_safe_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _load_deepspeed_file(path: str, map_location=None) -> Any:
+    import pickle
+
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0]
+            raise CheckpointError(f"refusing to load {path}: it holds more than weights ({first})") from None
+
+
+class _local_dir:
+    """DeepSpeed reads and writes local directories: for a URL, stage through a temporary one."""
+
+    def __init__(self, url: str, upload: bool):
+        self.url, self.upload = url, upload
+        self.fs, self.path = fsspec.core.url_to_fs(url)
+        self.remote = not isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
+
+    def __enter__(self) -> str:
+        if not self.remote:
+            os.makedirs(self.path, exist_ok=True)
+            return self.path
+        self.tmp = tempfile.mkdtemp(prefix="kiln-ds-")
+        if not self.upload:
+            self.fs.get(f"{self.path}/", f"{self.tmp}/", recursive=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if not self.remote:
+            return
+        try:
+            if self.upload and exc_type is None:
+                self.fs.put(f"{self.tmp}/", f"{self.path}/", recursive=True)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def consolidate_deepspeed(url: str) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from a DeepSpeed ZeRO-2/3 checkpoint directory, in this process."""
+    from deepspeed.utils import zero_to_fp32
+
+    with _local_dir(url, upload=False) as local:
+        for f in Path(local, "checkpoint").glob("*.pt"):
+            _load_deepspeed_file(str(f))  # refuse anything but data before DeepSpeed's own reader
+        state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(local, tag="checkpoint")
+    return {k: v.clone() for k, v in state.items()}
+
+
