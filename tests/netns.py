@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -35,18 +34,6 @@ class TwoNodes:
         node = self.nodes[node_index]
         env = {**(os.environ if env is None else env), "GLOO_SOCKET_IFNAME": node.ifname}
         return subprocess.Popen(["ip", "netns", "exec", node.netns, *argv], env=env, **kw)
-
-    def torchrun_argv(self, node_index: int, nnodes: int, nproc_per_node: int, port: int,
-                      script_args: list[str], join_timeout: int | None = None) -> list[str]:
-        """torchrun with c10d rendezvous hosted by node 0; run it through `popen`, which sets
-        GLOO_SOCKET_IFNAME, the third setting INFRA.md found required."""
-        conf = f"is_host={int(node_index == 0)}"
-        if join_timeout is not None:
-            conf += f",join_timeout={join_timeout}"
-        return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
-                f"--nproc_per_node={nproc_per_node}", "--rdzv_backend=c10d",
-                f"--rdzv_endpoint={self.nodes[0].addr}:{port}", f"--rdzv_conf={conf}",
-                f"--local_addr={self.nodes[node_index].addr}", *script_args]
 
 
 def _ip(*args: str) -> None:

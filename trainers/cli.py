@@ -5,6 +5,7 @@
     kiln data <builder> --out URL
     kiln consolidate CKPT --out FILE
     kiln slurm -c CONFIG --nodes N --gpus-per-node G [--submit]
+    kiln launch --nnodes N --nproc-per-node P --rdzv-endpoint HOST:PORT [--node-addr ADDR] -- fit ...
 
 `fit` (and validate/test) is a LightningCLI: YAML checked against constructor type hints,
 composed with repeated -c, any key overridable. Every failure a user can cause is reported as
@@ -25,6 +26,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from kiln.datamodules.webdataset import DataMetrics
 from kiln.trainers.checkpoint import CheckpointError, check_family
@@ -177,11 +179,12 @@ def _fit(args: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"fit": _fit, "validate": _fit, "test": _fit}
-    from kiln.launch import slurm
+    from kiln.launch import slurm, torchrun
     from kiln.trainers import data_cli, evaluate, sharded
 
     commands |= {"eval": lambda a: evaluate.main(a), "data": lambda a: data_cli.main(a),
-                 "consolidate": lambda a: sharded.main(a), "slurm": lambda a: slurm.main(a)}
+                 "consolidate": lambda a: sharded.main(a), "slurm": lambda a: slurm.main(a),
+                 "launch": lambda a: torchrun.main(a)}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip().split("\n\n")[1] if argv and argv[0] in ("-h", "--help") else
               f"usage: kiln {{{','.join(commands)}}} ...", file=sys.stderr if argv[:1] != ["-h"] else sys.stdout)
@@ -189,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     command = argv[0]
     try:
         commands[command](argv if command in ("fit", "validate", "test") else argv[1:])
-    except (ArgumentError, ValueError, KeyError, FileNotFoundError, PermissionError, RuntimeError, OSError) as e:
+    except (ArgumentError, ValueError, KeyError, FileNotFoundError, PermissionError, RuntimeError, OSError,
+            MisconfigurationException) as e:
         if os.environ.get("KILN_DEBUG"):
             raise
         hint = " (KILN_DEBUG=1 shows the traceback)" if type(e) in (RuntimeError, OSError) else ""
