@@ -343,6 +343,8 @@ class WebDataModule(L.LightningDataModule):
         val_urls: the held-out shards (same form); each rank reads all of them.
         mapper: per-sample mapping (a `kiln.datamodules.mappers` class).
         batch_size: per-rank batch size.
+        global_batch_size: samples per optimizer step over all ranks instead: each rank then takes
+            global / (ranks x accumulate_grad_batches), which must come out whole.
         batches_per_epoch: batches per rank per epoch; None derives it from the manifests
             beside the shards as samples / (ranks x batch_size).
         shuffle_buffer: samples per shuffled block (whole shards, read into memory).
@@ -365,8 +367,10 @@ class WebDataModule(L.LightningDataModule):
         resampled: bool = False,
         strict: bool = False,
         retries: int = 5,
+        global_batch_size: int | None = None,
     ):
         super().__init__()
+        self.global_batch_size = global_batch_size
         self.train_urls, self.val_urls, self.mapper = train_urls, val_urls, mapper
         self.batch_size, self.num_workers = batch_size, num_workers
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
@@ -377,6 +381,16 @@ class WebDataModule(L.LightningDataModule):
         self._progress: dict | None = None  # this rank's position in the current training epoch
         self._resume: dict | None = None  # a checkpoint's position, applied when the next epoch starts
         self._next_epoch: int | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.global_batch_size is None:
+            return
+        _, world = self._rank()
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        if self.global_batch_size % (world * accumulate):
+            raise DataError(f"data.global_batch_size {self.global_batch_size} does not split evenly over {world} "
+                            f"rank(s) x {accumulate} accumulation step(s)")
+        self.batch_size = self.global_batch_size // (world * accumulate)
 
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -94,3 +94,20 @@ def test_other_commands(args, needle):
 ])
 def test_bad_values(args, needle):
     assert_one_line_error(kiln("fit", "-c", TINY, *args), needle, "expected")
+
+
+def test_gpu_config_on_a_machine_without_gpus(tmp_path):
+    r = kiln("fit", "-c", TINY, "--trainer.accelerator", "gpu", "--run_dir", str(tmp_path / "run"))
+    assert_one_line_error(r, "trainer.accelerator is 'gpu' but this machine has no CUDA GPU")
+
+
+def test_global_batch_that_does_not_split_over_ranks(tmp_path, emoji_shards):
+    r = kiln("fit", "-c", TINY, "--data.init_args.root", emoji_shards, "--data.init_args.global_batch_size", "15",
+             "--trainer.accumulate_grad_batches", "2", "--run_dir", str(tmp_path / "run"), "--wandb.mode", "disabled")
+    assert_one_line_error(r, "data.global_batch_size 15 does not split evenly over 1 rank(s) x 2 accumulation step(s)")
+
+
+def test_plan_that_cannot_fit():
+    r = kiln("plan", "-c", "configs/clip/vit-l-14.yaml", "--nodes", "1", "--gpus-per-node", "8")
+    line = assert_one_line_error(r, "does not fit: ddp needs")
+    assert "GiB per GPU, more than the 80 GiB given" in line

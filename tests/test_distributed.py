@@ -12,7 +12,7 @@ import torch
 
 from conftest import REPO, kiln, read_metrics, small_clip_config
 from kiln.trainers.checkpoint import CheckpointError
-from kiln.trainers.sharded import consolidate
+from kiln.trainers.sharded import consolidate, consolidate_dcp
 
 N = 3  # steps before the kill; the runs go to 2N
 STRATEGIES = {"ddp": "configs/trainer/ddp.yaml", "fsdp": "configs/trainer/fsdp.yaml", "zero3": "configs/trainer/zero3.yaml"}
@@ -146,3 +146,45 @@ def test_tampered_sharded_checkpoints_are_refused(runs, tmp_path):
         assert not (REPO / "PWNED").exists() and not (tmp_path / "PWNED").exists()
         with pytest.raises(CheckpointError, match="refusing to load"):
             consolidate(str(copy / "last.ckpt"))
+
+
+def test_sharded_checkpoints_on_s3(runs, s3_bucket, tmp_path):
+    """FSDP2 and ZeRO-3 write their shards and pointer straight to object storage; a run killed
+    there resumes from there to the same weights as the local uninterrupted run."""
+    _, config, out = runs
+    run = f"{s3_bucket}/fsdp"
+    r = _fit(config, "fsdp", run, "-c", str(_kill_at(tmp_path, N)))
+    assert r.returncode != 0
+    r = _fit(config, "fsdp", run, "--ckpt_path", f"{run}/checkpoints/last.ckpt")
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = consolidate(f"{run}/checkpoints/last.ckpt")
+    assert resumed["global_step"] == 2 * N
+    assert _max_diff(_weights(out["fsdp"][0]), resumed["state_dict"]) == 0.0
+
+    run = f"{s3_bucket}/zero3"
+    r = _fit(config, "zero3", run, "-c", str(_kill_at(tmp_path, N)))
+    assert r.returncode != 0
+    local = consolidate(str(out["zero3"][0].parent / "zero3-at-n" / "last.ckpt"))["state_dict"]
+    assert _max_diff(local, consolidate(f"{run}/checkpoints/last.ckpt")["state_dict"]) == 0.0
+
+
+def test_interrupted_save_leaves_last_loadable(runs, tmp_path):
+    """What a crash mid-save leaves behind: a newer shard directory without DCP's `.metadata`
+    (ranks still writing) and a temporary pointer never moved into place. `last.ckpt` still names
+    the previous complete shards, so resuming from it works, and the next save removes the
+    unfinished shards."""
+    tmp, config, out = runs
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(tmp / "fsdp-at-n", ckpts)
+    [complete] = list((ckpts / "last.ckpt.shards").iterdir())
+    partial = ckpts / "last.ckpt.shards" / "000000004-deadbeef"
+    shutil.copytree(complete, partial)
+    (partial / ".metadata").unlink()
+    (ckpts / "last.ckpt.tmp-4242").write_bytes(b"\x80\x02half a pointer")
+    with pytest.raises(CheckpointError, match="incomplete sharded checkpoint"):
+        consolidate_dcp(str(partial))
+    r = _fit(config, "fsdp", tmp_path, "--ckpt_path", str(ckpts / "last.ckpt"))  # the same run directory
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _max_diff(_weights(out["fsdp"][0]), _weights(tmp_path)) == 0.0
+    assert [p.name for p in (ckpts / "last.ckpt.shards").iterdir()] != [partial.name]
+    assert not partial.exists() and not complete.exists()  # replaced by the new step's shards

@@ -5,6 +5,7 @@
     kiln data <builder> --out URL
     kiln consolidate CKPT --out FILE
     kiln slurm -c CONFIG --nodes N --gpus-per-node G [--submit]
+    kiln plan -c CONFIG --nodes N --gpus-per-node G [--json]
     kiln launch --nnodes N --nproc-per-node P --rdzv-endpoint HOST:PORT [--node-addr ADDR] -- fit ...
 
 `fit` (and validate/test) is a LightningCLI: YAML checked against constructor type hints,
@@ -80,6 +81,7 @@ class KilnCLI(LightningCLI):
             [str(p) for p in (cfg.get("config") or [])])
         os.environ["KILN_RUN_DIR"] = cfg.run_dir
         cfg.trainer.default_root_dir = cfg.run_dir
+        _check_hardware(cfg.trainer)
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         cfg = self.config[self.subcommand]
@@ -139,6 +141,21 @@ class KilnCLI(LightningCLI):
             check_family(ckpt_path, family)
 
 
+def _check_hardware(trainer) -> None:
+    """A config written for GPUs, run where there are none (or too few), says so in one line."""
+    import torch
+
+    accelerator = str(trainer.get("accelerator") or "auto")
+    if accelerator in ("gpu", "cuda"):
+        have = torch.cuda.device_count()
+        if have == 0:
+            raise ValueError(f"trainer.accelerator is '{accelerator}' but this machine has no CUDA GPU "
+                             "(use -c configs/trainer/cpu.yaml or --trainer.accelerator cpu)")
+        devices = trainer.get("devices")
+        if isinstance(devices, int) and devices > have:
+            raise ValueError(f"trainer.devices is {devices} but this machine has {have} CUDA GPU(s)")
+
+
 def _one_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     if not lines:
@@ -180,11 +197,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"fit": _fit, "validate": _fit, "test": _fit}
     from kiln.launch import slurm, torchrun
-    from kiln.trainers import data_cli, evaluate, sharded
+    from kiln.trainers import data_cli, evaluate, plan, sharded
 
     commands |= {"eval": lambda a: evaluate.main(a), "data": lambda a: data_cli.main(a),
                  "consolidate": lambda a: sharded.main(a), "slurm": lambda a: slurm.main(a),
-                 "launch": lambda a: torchrun.main(a)}
+                 "launch": lambda a: torchrun.main(a), "plan": lambda a: plan.main(a)}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip().split("\n\n")[1] if argv and argv[0] in ("-h", "--help") else
               f"usage: kiln {{{','.join(commands)}}} ...", file=sys.stderr if argv[:1] != ["-h"] else sys.stdout)

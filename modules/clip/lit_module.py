@@ -58,6 +58,12 @@ class CLIPModule(L.LightningModule):
     def shard_units(self) -> tuple[type, ...]:
         return self.model.shard_units
 
+    def plan_inputs(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs of `self.model` for a batch (on the module's device; `kiln plan` uses meta)."""
+        v, t = self.hparams.vision, self.hparams.text
+        images = torch.zeros(batch_size, 3, v["image_size"], v["image_size"], device=self.device)
+        return images, torch.zeros(batch_size, t["context_length"], dtype=torch.long, device=self.device)
+
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         return self.tokenizer(captions).to(self.device)
 

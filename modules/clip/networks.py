@@ -118,7 +118,8 @@ class TextTransformer(nn.Module):
         return torch.cat(parts)[order.argsort()]
 
     def _encode(self, tokens: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-        n = int(eot.max()) + 1
+        # On the meta device (`kiln plan`) lengths are unknown: plan for full-length captions.
+        n = tokens.shape[1] if tokens.is_meta else int(eot.max()) + 1
         x = self.token_embedding(tokens[:, :n]) + self.positional_embedding[:n]
         x = self.ln_final(self.transformer(x, causal=True))
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.projection
