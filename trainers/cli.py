@@ -33,6 +33,7 @@ from kiln.datamodules.webdataset import DataMetrics
 from kiln.trainers.checkpoint import CheckpointError, check_family
 from kiln.launch.env import in_slurm_job, under_torchrun
 from kiln.trainers.preemption import Preemption
+from kiln.trainers.rng import RandomState
 from kiln.trainers.strategies import ParameterSharding
 from kiln.trainers.run_dir import (AtomicCheckpointIO, JsonlLogger, LastCheckpoint, RunDirectory, default_run_dir,
                                    is_url, wandb_run_id)
@@ -110,6 +111,7 @@ class KilnCLI(LightningCLI):
             DataMetrics(),
             ParameterSharding(),
             Preemption(),
+            RandomState(),
         ]
         if trainer_cfg.get("enable_progress_bar", True) is not False:
             callbacks.append(RichProgressBar())

@@ -82,6 +82,26 @@ class ActivationCheckpointing(L.Callback):
                                        check_fn=lambda m: isinstance(m, units))
 
 
+class Compile(L.Callback):
+    """`torch.compile` of each declared shard unit (one compiled graph per block, reused by every
+    block of the same shape, as torchtitan does), applied before the strategy wraps the model.
+
+    Args:
+        backend / mode: passed to torch.compile ("inductor" needs a C++ compiler on CPU).
+    """
+
+    def __init__(self, backend: str = "inductor", mode: str | None = None):
+        self.backend, self.mode = backend, mode
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        units = shard_units(pl_module)
+        if not units:
+            raise ValueError(f"compile: {type(pl_module).__name__} declares no shard_units()")
+        for sub in pl_module.modules():
+            if isinstance(sub, units):
+                sub.compile(backend=self.backend, mode=self.mode)
+
+
 def _dtype(name: str | None) -> torch.dtype | None:
     return None if name is None else {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 

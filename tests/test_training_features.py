@@ -1,0 +1,83 @@
+"""Training options that must not change the maths: generator state across a resume, activation
+checkpointing and torch.compile of the declared blocks."""
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from kiln.modules.clip.lit_module import CLIPModule
+from kiln.trainers.rng import RandomState
+from kiln.trainers.strategies import ActivationCheckpointing, Compile
+
+
+class Dropout(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 1))
+
+    def training_step(self, batch, _):
+        return (self.net(batch[0]) - batch[1]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _trainer(steps: int, callbacks: list, root) -> L.Trainer:
+    return L.Trainer(max_steps=steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, accelerator="cpu")
+
+
+@pytest.mark.parametrize("save_rng", [True, False])
+def test_resume_draws_the_same_random_numbers(tmp_path, save_rng):
+    """Dropout masks after a resume are the uninterrupted run's only when RandomState is saved."""
+    data = torch.utils.data.TensorDataset(torch.randn(8, 8, generator=torch.Generator().manual_seed(1)), torch.ones(8, 1))
+    loader = lambda: DataLoader(data, batch_size=8)  # noqa: E731  (one batch per epoch: no data position)
+    callbacks = lambda: [RandomState()] if save_rng else []  # noqa: E731
+    L.seed_everything(0)
+    full = Dropout()
+    _trainer(8, callbacks(), tmp_path).fit(full, loader())
+    L.seed_everything(0)
+    half = Dropout()
+    trainer = _trainer(4, callbacks(), tmp_path)
+    trainer.fit(half, loader())
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    L.seed_everything(0)  # what a new process does first
+    resumed = Dropout()
+    _trainer(8, callbacks(), tmp_path).fit(resumed, loader(), ckpt_path=tmp_path / "half.ckpt")
+    same = all(torch.equal(a, b) for a, b in zip(full.parameters(), resumed.parameters()))
+    assert same == save_rng
+
+
+class Pairs(Dataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(i)
+        return {"image": torch.rand(3, 16, 16, generator=g) * 2 - 1, "caption": f"emoji number {i % 16}"}
+
+
+def _clip_weights(callbacks: list, root) -> tuple[dict[str, torch.Tensor], CLIPModule]:
+    L.seed_everything(0)
+    module = CLIPModule(embed_dim=32, vision={"image_size": 16, "patch_size": 4, "width": 32, "layers": 2, "heads": 2},
+                        text={"context_length": 32, "width": 32, "layers": 2, "heads": 2}, warmup_steps=1)
+    _trainer(3, callbacks, root).fit(module, DataLoader(Pairs(), batch_size=16))
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}, module
+
+
+@pytest.mark.parametrize("option", ["activation_checkpointing", "compile"])
+def test_block_options_keep_the_maths(tmp_path, option):
+    plain, _ = _clip_weights([], tmp_path)
+    callback = ActivationCheckpointing() if option == "activation_checkpointing" else Compile(backend="aot_eager")
+    changed, module = _clip_weights([callback], tmp_path)
+    if option == "activation_checkpointing":
+        wrapped = [m for m in module.modules() if type(m).__name__ == "CheckpointWrapper"]
+        assert len(wrapped) == 4  # every transformer block of both towers
+    else:
+        assert all(getattr(b, "_compiled_call_impl", None) is not None for b in module.modules()
+                   if isinstance(b, module.shard_units()))
+    assert plain.keys() == changed.keys()
+    for k in plain:
+        torch.testing.assert_close(changed[k], plain[k], rtol=1e-5, atol=1e-6)
