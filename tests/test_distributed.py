@@ -188,3 +188,12 @@ def test_interrupted_save_leaves_last_loadable(runs, tmp_path):
     assert _max_diff(_weights(out["fsdp"][0]), _weights(tmp_path)) == 0.0
     assert [p.name for p in (ckpts / "last.ckpt.shards").iterdir()] != [partial.name]
     assert not partial.exists() and not complete.exists()  # replaced by the new step's shards
+
+
+def test_world_size_that_does_not_divide_the_batch(runs, tmp_path):
+    _, config, _ = runs
+    r = _fit(config, "fsdp", tmp_path / "run", "--data.init_args.global_batch_size", "15")
+    assert r.returncode != 0
+    errors = {line for line in r.stderr.splitlines() if line.startswith("kiln fit: error:")}
+    assert errors == {"kiln fit: error: data.global_batch_size 15 does not split evenly over 2 rank(s) x 1 "
+                      "accumulation step(s)"}, r.stderr[-2000:]

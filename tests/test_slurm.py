@@ -78,3 +78,25 @@ def test_submitted_job_survives_usr1_with_requeue(slurm_cluster, emoji_shards, t
     runs = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
     run_id = (run / "wandb-id").read_text().strip()
     assert len(runs) == 2 and all(name.endswith(run_id) for name in runs), runs
+
+
+def test_torchrun_launcher_job_requeues_on_usr1(slurm_cluster, emoji_shards, tmp_path):  # noqa: F811
+    """sbatch -> srun -> torchrun: SIGUSR1 reaches the batch shell (`--signal=B:USR1`), which
+    passes it to the workers; they save, requeue, and the job finishes from the checkpoint."""
+    config = small_clip_config(tmp_path / "small.yaml", emoji_shards, steps=STEPS, every=1000)
+    r = kiln("slurm", "-c", "configs/clip/tiny.yaml", "-c", str(config), "--nodes", "1", "--gpus-per-node", "0",
+             "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "00:15:00", "--launcher", "torchrun",
+             "--port", "29777", "--run-root", str(tmp_path / "tr"), "--submit", env={"PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    job = re.search(r"submitted job (\d+)", r.stdout).group(1)
+    run = tmp_path / "tr" / job
+    deadline = time.monotonic() + 240
+    while not (run / "metrics.jsonl").exists() or len(read_metrics(run)) < 4:
+        assert time.monotonic() < deadline and not _finished(*_job_state(job)), "job never got going"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    state, restarts = _wait(job, lambda s, n: n >= 1 and _finished(s, n))
+    log = (tmp_path / "tr" / f"slurm-{job}.out").read_text()
+    assert (state, restarts) == ("COMPLETED", 1), log[-3000:]
+    assert "SIGUSR1 received: saving at step" in log
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == STEPS

@@ -59,10 +59,14 @@ class Pairs(Dataset):
         return {"image": torch.rand(3, 16, 16, generator=g) * 2 - 1, "caption": f"emoji number {i % 16}"}
 
 
+def _small_clip() -> CLIPModule:
+    return CLIPModule(embed_dim=32, vision={"image_size": 16, "patch_size": 4, "width": 32, "layers": 2, "heads": 2},
+                      text={"context_length": 32, "width": 32, "layers": 2, "heads": 2}, warmup_steps=1)
+
+
 def _clip_weights(callbacks: list, root) -> tuple[dict[str, torch.Tensor], CLIPModule]:
     L.seed_everything(0)
-    module = CLIPModule(embed_dim=32, vision={"image_size": 16, "patch_size": 4, "width": 32, "layers": 2, "heads": 2},
-                        text={"context_length": 32, "width": 32, "layers": 2, "heads": 2}, warmup_steps=1)
+    module = _small_clip()
     _trainer(3, callbacks, root).fit(module, DataLoader(Pairs(), batch_size=16))
     return {k: v.detach().clone() for k, v in module.state_dict().items()}, module
 
@@ -81,3 +85,27 @@ def test_block_options_keep_the_maths(tmp_path, option):
     assert plain.keys() == changed.keys()
     for k in plain:
         torch.testing.assert_close(changed[k], plain[k], rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_mixed_precision_keeps_fp32_master_weights(tmp_path):
+    """FSDP2 with bf16 compute (one process here; on GPUs the same policy): the blocks compute in
+    bf16, the sharded master weights and optimizer state stay fp32, and the loss follows fp32's."""
+    from kiln.trainers.strategies import FSDP2
+
+    losses = {}
+    for name, strategy in (("fp32", "auto"), ("bf16", FSDP2(param_dtype="bf16", reduce_dtype="fp32"))):
+        L.seed_everything(0)
+        module = _small_clip()
+        seen: set = set()
+        module.model.visual.transformer.blocks[0].register_forward_pre_hook(lambda m, a: seen.add(a[0].dtype))
+        trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu", devices=1,
+                            strategy=strategy)
+        trainer.fit(module, DataLoader(Pairs(), batch_size=16))
+        losses[name] = trainer.callback_metrics["train/loss"].item()
+        assert seen == {torch.bfloat16 if name == "bf16" else torch.float32}
+        assert all(p.dtype == torch.float32 for p in module.parameters())
+        if name == "bf16":
+            state = trainer.optimizers[0].state
+            assert all(s["exp_avg"].dtype == torch.float32 for s in state.values())
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)

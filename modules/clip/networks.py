@@ -146,7 +146,8 @@ class CLIP(nn.Module):
         return F.normalize(z, dim=-1) if normalize else z
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
-        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp().squeeze(0)
+        # A fresh scalar, not a view of the parameter (FSDP2 hooks need outputs that are not views).
+        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp().sum()
 
     def components(self) -> dict[str, nn.Module]:
         return {"image": self.visual, "text": self.text}
