@@ -24,7 +24,8 @@ def test_plan_json_on_the_command_line():
     result = json.loads(r.stdout)
     assert result["parameters"] == pytest.approx(151.28e6, rel=0.05)
     assert result["global_batch"] == 16 * result["micro_batch"]
-    assert set(result["memory_per_gpu"]) == {"ddp", "zero2", "zero3", "fsdp"} and result["fits"]["fsdp"]
+    assert set(result["memory_per_gpu_gb"]) == {"ddp", "zero2", "zero3", "fsdp"} and result["fits"]["fsdp"]
+    assert result["memory_per_gpu_gb"]["fsdp"] == pytest.approx(result["memory_per_gpu"]["fsdp"]["total"] / 1e9, abs=1e-3)
 
 
 @pytest.mark.parametrize("config", list(PAPER))

@@ -109,6 +109,7 @@ def plan(paths: list[str], nodes: int, gpus_per_node: int, micro_batch: int | No
     units = shard_units(module)
     largest = max((_count(m) for m in module.modules() if units and isinstance(m, units)), default=0)
     measured = measure(module, batch)
+    per_gpu = memory(_count(module), largest, world, measured["activation_bytes_per_sample"] * batch)
     components = module.model.components() if hasattr(module.model, "components") else {}
     return {
         "config": paths, "family": getattr(module, "family", None), "nodes": nodes, "gpus_per_node": gpus_per_node,
@@ -116,7 +117,8 @@ def plan(paths: list[str], nodes: int, gpus_per_node: int, micro_batch: int | No
         "parameters": _count(module), "frozen_parameters": _count(module, trainable=False),
         "components": {name: _count(m) for name, m in components.items()},
         "largest_shard_unit": largest, **measured,
-        "memory_per_gpu": memory(_count(module), largest, world, measured["activation_bytes_per_sample"] * batch),
+        "memory_per_gpu": per_gpu,  # bytes, by part
+        "memory_per_gpu_gb": {name: round(m["total"] / 1e9, 3) for name, m in per_gpu.items()},  # GB = 1e9 bytes
     }
 
 
