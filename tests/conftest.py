@@ -91,9 +91,14 @@ def read_metrics(run_dir: Path | str) -> list[dict]:
     return [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
 
 
+# The EMA callback every small multi-process run carries (decay low enough to move in 6 steps).
+EMA_CALLBACK = "    - class_path: kiln.trainers.ema.EMA\n      init_args: {decay: 0.9}\n"
+
+
 def small_clip_config(path: Path, emoji_shards: str, steps: int, every: int, clip: float = 0.05) -> Path:
-    """A CLIP small enough for multi-process tests (65k parameters, 2 ranks x 8 samples a step),
-    layered over configs/clip/tiny.yaml; gradient clipping on, so strategies must clip alike."""
+    """A CLIP small enough for multi-process tests (65k parameters, 2 ranks x 16 samples a step),
+    layered over configs/clip/tiny.yaml; gradient clipping on, so strategies must clip alike, and
+    an EMA of the weights, so strategies must average alike."""
     path.write_text(f"""\
 model:
   init_args:
@@ -105,11 +110,12 @@ data:
   init_args:
     root: {emoji_shards}
     build_size: 32
-    batch_size: 8
+    batch_size: 16  # one whole shard per rank and step, in order: 1 rank x 32 sees the same batches
+    shuffle: false
     num_workers: 1
     mapper:
       class_path: kiln.datamodules.mappers.ImageText
-      init_args: {{image_size: 16}}
+      init_args: {{image_size: 16, crop_scale: null, color_jitter: 0.0}}  # no per-sample draws
 trainer:
   accelerator: cpu
   devices: 2
@@ -118,7 +124,8 @@ trainer:
   log_every_n_steps: 1
   enable_progress_bar: false
   gradient_clip_val: {clip}
-checkpoint:
+  callbacks:
+{EMA_CALLBACK}checkpoint:
   every_n_train_steps: {every}
 wandb:
   mode: disabled

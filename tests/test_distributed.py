@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, kiln, read_metrics, small_clip_config
+from conftest import EMA_CALLBACK, REPO, kiln, read_metrics, small_clip_config
 from kiln.trainers.checkpoint import CheckpointError
 from kiln.trainers.sharded import consolidate, consolidate_dcp
 
@@ -28,7 +28,8 @@ def _fit(config: Path, strategy: str, run: Path, *extra: str):
 
 def _kill_at(tmp_path: Path, step: int) -> Path:
     path = tmp_path / "kill.yaml"
-    path.write_text(f"trainer:\n  callbacks:\n    - class_path: tests.killer.KillAt\n      init_args: {{step: {step}}}\n")
+    path.write_text(f"trainer:\n  callbacks:\n{EMA_CALLBACK}    - class_path: tests.killer.KillAt\n"
+                    f"      init_args: {{step: {step}}}\n")
     return path
 
 
@@ -61,6 +62,10 @@ def runs(tmp_path_factory, emoji_shards):
         r = _fit(config, name, resumed, "--ckpt_path", str(resumed / "checkpoints" / "last.ckpt"))
         assert r.returncode == 0, r.stderr[-3000:]
         out[name] = (full, resumed)
+    single = tmp / "single"
+    r = _fit(config, "configs/trainer/cpu.yaml", single, "--trainer.devices", "1", "--data.init_args.batch_size", "32")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out["single"] = (single, None)
     return tmp, config, out
 
 
@@ -84,6 +89,19 @@ def test_strategies_agree_with_gradient_clipping(runs):
         assert _max_diff(ddp, _weights(out[name][0])) < ACROSS_STRATEGIES_ATOL, name
 
 
+def test_ema_under_sharding_equals_one_process(runs):
+    """The EMA each rank keeps of its shard (FSDP2, ZeRO-3) or of the whole model (DDP), gathered,
+    is the EMA one process computes over the same global batches; and it is not the live weights."""
+    _, _, out = runs
+    single = {k: v for k, v in _weights(out["single"][0]).items() if k.startswith("ema.")}
+    assert len(single) == 62
+    for name in STRATEGIES:
+        weights = _weights(out[name][0])
+        assert _max_diff(single, {k: weights[k] for k in single}) < ACROSS_STRATEGIES_ATOL, name
+        live = {k.replace("ema.", "model.", 1): v for k, v in single.items()}
+        assert _max_diff(live, {k: weights[k] for k in live}) > 1e-4  # it lags the live weights
+
+
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
 def test_sharded_strategies_store_about_one_half_per_rank(runs, strategy):
     _, _, out = runs
@@ -101,7 +119,7 @@ def test_checkpoints_move_between_strategies_and_world_sizes(runs, tmp_path):
     tmp, config, out = runs
     target = _weights(out["ddp"][0])
     cases = {
-        "fsdp-2-to-1": ("fsdp", tmp / "fsdp-at-n", ["--trainer.devices", "1", "--data.init_args.batch_size", "16"]),
+        "fsdp-2-to-1": ("fsdp", tmp / "fsdp-at-n", ["--trainer.devices", "1", "--data.init_args.batch_size", "32"]),
         "fsdp-to-ddp": ("ddp", tmp / "fsdp-at-n", []),
         "ddp-to-fsdp": ("fsdp", tmp / "ddp-at-n", []),
     }
@@ -109,7 +127,7 @@ def test_checkpoints_move_between_strategies_and_world_sizes(runs, tmp_path):
         run = tmp_path / name
         r = _fit(config, strategy, run, "--ckpt_path", str(ckpt / "last.ckpt"), *extra)
         assert r.returncode == 0, (name, r.stderr[-3000:])
-        if name != "fsdp-2-to-1":  # one rank reads the same samples in another order
+        if name != "fsdp-2-to-1":  # a new world size starts a new data epoch (other samples)
             assert _max_diff(target, _weights(run)) < ACROSS_STRATEGIES_ATOL, name
         else:
             assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2 * N

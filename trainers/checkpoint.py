@@ -78,5 +78,9 @@ def build_from_checkpoint(ckpt: dict[str, Any], load_weights: bool = True):
     model = _instantiate(config["model"], L.LightningModule)
     data = _instantiate(config["data"], L.LightningDataModule) if config.get("data") else None
     if load_weights:
+        if any(k.startswith("ema.") for k in ckpt["state_dict"]):  # trained with the EMA callback
+            from kiln.trainers.ema import attach
+
+            attach(model)
         model.load_state_dict(ckpt["state_dict"])
     return model, data
