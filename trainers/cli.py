@@ -6,6 +6,7 @@
     kiln consolidate CKPT --out FILE
     kiln slurm -c CONFIG --nodes N --gpus-per-node G [--submit]
     kiln plan -c CONFIG --nodes N --gpus-per-node G [--json]
+    kiln report RUN_DIR --out report.html
     kiln launch --nnodes N --nproc-per-node P --rdzv-endpoint HOST:PORT [--node-addr ADDR] -- fit ...
 
 `fit` (and validate/test) is a LightningCLI: YAML checked against constructor type hints,
@@ -34,6 +35,7 @@ from kiln.trainers.checkpoint import CheckpointError, check_family
 from kiln.launch.env import in_slurm_job, under_torchrun
 from kiln.trainers.preemption import Preemption
 from kiln.trainers.rng import RandomState
+from kiln.trainers.samples import SampleGrid
 from kiln.trainers.strategies import ParameterSharding
 from kiln.trainers.run_dir import (AtomicCheckpointIO, JsonlLogger, LastCheckpoint, RunDirectory, default_run_dir,
                                    is_url, wandb_run_id)
@@ -52,6 +54,13 @@ class WandbSettings:
 
 @dataclass
 class CheckpointSettings:
+    every_n_train_steps: int = 500
+
+
+@dataclass
+class SampleSettings:
+    """Sample grids (families that generate): every N steps into DIR/samples/ and W&B."""
+
     every_n_train_steps: int = 500
 
 
@@ -74,6 +83,7 @@ class KilnCLI(LightningCLI):
                             help="Run directory (local path or URL); default runs/<family>-<config>/<id>.")
         parser.add_class_arguments(WandbSettings, "wandb")
         parser.add_class_arguments(CheckpointSettings, "checkpoint")
+        parser.add_class_arguments(SampleSettings, "samples")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
@@ -112,6 +122,7 @@ class KilnCLI(LightningCLI):
             ParameterSharding(),
             Preemption(),
             RandomState(),
+            SampleGrid(run_dir, cfg.samples.every_n_train_steps),
         ]
         if trainer_cfg.get("enable_progress_bar", True) is not False:
             callbacks.append(RichProgressBar())
@@ -199,11 +210,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"fit": _fit, "validate": _fit, "test": _fit}
     from kiln.launch import slurm, torchrun
-    from kiln.trainers import data_cli, evaluate, plan, sharded
+    from kiln.trainers import data_cli, evaluate, plan, report, sharded
 
     commands |= {"eval": lambda a: evaluate.main(a), "data": lambda a: data_cli.main(a),
                  "consolidate": lambda a: sharded.main(a), "slurm": lambda a: slurm.main(a),
-                 "launch": lambda a: torchrun.main(a), "plan": lambda a: plan.main(a)}
+                 "launch": lambda a: torchrun.main(a), "plan": lambda a: plan.main(a),
+                 "report": lambda a: report.main(a)}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip().split("\n\n")[1] if argv and argv[0] in ("-h", "--help") else
               f"usage: kiln {{{','.join(commands)}}} ...", file=sys.stderr if argv[:1] != ["-h"] else sys.stdout)

@@ -100,7 +100,7 @@ class Judge(nn.Module):
 
 def to_unit(images_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (N, H, W) or (N, C, H, W) -> float (N, C, H, W) in [-1, 1]."""
-    x = torch.as_tensor(np.asarray(images_u8))
+    x = torch.as_tensor(np.array(images_u8))  # a writable copy
     if x.ndim == 3:
         x = x[:, None]
     return x.float() / 127.5 - 1.0
