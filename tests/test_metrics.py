@@ -109,3 +109,43 @@ def test_bad_extractor_weights(tmp_path):
         build_extractor("efficientnet-lite0", str(wrong))
     with pytest.raises(ValueError, match="unknown feature extractor 'inception'"):
         build_extractor("inception")
+
+
+def test_precision_recall_equal_brute_force():
+    from kiln.modules.eval.metrics import precision_recall
+
+    real, fake = _features(0, n=120).float(), _features(1, n=90, shift=0.4).float()
+
+    def brute(a: np.ndarray, b: np.ndarray, k: int = 3) -> float:  # share of b inside a's k-NN balls
+        da = np.linalg.norm(a[:, None] - a[None], axis=-1)
+        radii = np.sort(da, axis=1)[:, k]
+        db = np.linalg.norm(b[:, None] - a[None], axis=-1)
+        return float((db <= radii[None]).any(axis=1).mean())
+
+    result = precision_recall(real, fake)
+    assert result["precision"] == pytest.approx(brute(real.numpy(), fake.numpy()), abs=1e-9)
+    assert result["recall"] == pytest.approx(brute(fake.numpy(), real.numpy()), abs=1e-9)
+    same = precision_recall(real, real)
+    assert same == {"precision": 1.0, "recall": 1.0}
+    assert 0 < result["precision"] < 1
+
+
+def test_inception_score_bounds():
+    from kiln.modules.eval.metrics import inception_score
+
+    confident = torch.eye(10).repeat(50, 1) * 30  # 10 classes, each predicted with certainty
+    assert inception_score(confident, splits=1)[0] == pytest.approx(10.0, rel=1e-6)
+    assert 9.0 < inception_score(confident, splits=5)[0] < 10.0  # random splits hold uneven classes
+    assert inception_score(torch.zeros(500, 10), splits=5)[0] == pytest.approx(1.0)
+
+
+def test_clip_score_needs_a_clip_model():
+    from kiln.modules.clip.lit_module import CLIPModule
+    from kiln.modules.eval.metrics import clip_score
+
+    with pytest.raises(ValueError, match="clip_score needs a CLIP model"):
+        clip_score(None, torch.zeros(2, 3, 16, 16), ["a", "b"])
+    clip = CLIPModule(embed_dim=16, vision={"image_size": 16, "patch_size": 4, "width": 16, "layers": 1, "heads": 2},
+                      text={"context_length": 16, "width": 16, "layers": 1, "heads": 2}).eval()
+    score = clip_score(clip, torch.rand(4, 3, 32, 32) * 2 - 1, ["red", "blue", "a cat", "a dog"])
+    assert 0.0 <= score <= 100.0

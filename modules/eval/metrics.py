@@ -67,3 +67,66 @@ class _Identity(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return features
+
+
+def gather(features: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, in rank order, on every rank (uneven counts allowed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return features
+    parts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, features.cpu())
+    return torch.cat(parts).to(features.device)
+
+
+def _radii(x: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """Distance from each row of x to its k-th nearest other row."""
+    out = []
+    for i in range(0, len(x), chunk):
+        d = torch.cdist(x[i:i + chunk], x)
+        out.append(d.kthvalue(k + 1, dim=1).values)  # +1: the row itself is at distance 0
+    return torch.cat(out)
+
+
+def _covered(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """For each point: does some centre's k-NN ball hold it?"""
+    out = []
+    for i in range(0, len(points), chunk):
+        out.append((torch.cdist(points[i:i + chunk], centres) <= radii[None]).any(dim=1))
+    return torch.cat(out)
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> dict[str, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019): precision is the share of
+    generated samples inside the real manifold (the union of each real feature's k-NN ball),
+    recall the share of real samples inside the generated one."""
+    real, fake = real.double(), fake.double()
+    precision = _covered(fake, real, _radii(real, k)).double().mean().item()
+    recall = _covered(real, fake, _radii(fake, k)).double().mean().item()
+    return {"precision": precision, "recall": recall}
+
+
+def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 0) -> tuple[float, float]:
+    """Inception score (Salimans et al. 2016) from a classifier's logits: exp(E[KL(p(y|x) || p(y))]),
+    mean and standard deviation over `splits` random splits (seeded)."""
+    probs = logits.double().softmax(dim=1)
+    order = torch.randperm(len(probs), generator=torch.Generator().manual_seed(seed))
+    scores = []
+    for part in probs[order].chunk(splits):
+        marginal = part.mean(dim=0, keepdim=True)
+        kl = (part * (part.clamp_min(1e-12).log() - marginal.clamp_min(1e-12).log())).sum(dim=1).mean()
+        scores.append(kl.exp())
+    scores = torch.stack(scores)
+    return scores.mean().item(), scores.std(unbiased=False).item() if splits > 1 else 0.0
+
+
+def clip_score(clip_module, images: torch.Tensor, captions: list[str]) -> float:
+    """CLIP score (Hessel et al. 2021): 100 x max(cos(image, caption), 0), averaged, with a kiln
+    CLIP model (`CLIPModule`) that was trained on the same kind of images."""
+    if clip_module is None:
+        raise ValueError("clip_score needs a CLIP model: give a kiln CLIP checkpoint (--clip-ckpt PATH)")
+    size = clip_module.hparams.vision["image_size"]
+    if images.shape[-1] != size:
+        images = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
+                                                 align_corners=False, antialias=True)
+    image, text = clip_module.embed(images.float(), captions)
+    return (100 * torch.nn.functional.cosine_similarity(image, text).clamp_min(0)).mean().item()
