@@ -109,3 +109,23 @@ def test_fsdp2_mixed_precision_keeps_fp32_master_weights(tmp_path):
             state = trainer.optimizers[0].state
             assert all(s["exp_avg"].dtype == torch.float32 for s in state.values())
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)
+
+
+def test_ema_checkpoints_load_and_a_missing_ema_is_named(tmp_path):
+    """A checkpoint trained with EMA rebuilds with its `ema` copy; asking one without for EMA fails
+    with one clear sentence."""
+    from kiln.trainers.checkpoint import build_from_checkpoint
+    from kiln.trainers.ema import EMA, attach, weights_for_sampling
+
+    module = _small_clip()
+    attach(module)
+    assert EMA(decay=0.5).decay_at(0) == pytest.approx(0.1)  # warm-up starts at 1/10
+    config = "model:\n  class_path: kiln.modules.clip.lit_module.CLIPModule\n  init_args: " + str(
+        dict(module.hparams)).replace("'", '"') + "\n"
+    ckpt = {"state_dict": module.state_dict(), "kiln": {"family": "clip", "config": config}}
+    rebuilt, _ = build_from_checkpoint(ckpt)
+    assert weights_for_sampling(rebuilt) is rebuilt.ema
+    plain = _small_clip()
+    assert weights_for_sampling(plain) is plain.model
+    with pytest.raises(ValueError, match="this clip checkpoint has no EMA weights"):
+        weights_for_sampling(plain, use_ema=True)

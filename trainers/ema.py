@@ -76,8 +76,12 @@ def attach(pl_module: L.LightningModule, target: str | None = None) -> nn.Module
     return pl_module.ema
 
 
-def weights_for_sampling(module: L.LightningModule, use_ema: bool = True) -> nn.Module:
-    """The network sampling and evaluation should run: the EMA copy by default."""
-    if use_ema and hasattr(module, "ema"):
+def weights_for_sampling(module: L.LightningModule, use_ema: bool | None = None) -> nn.Module:
+    """The network sampling and evaluation run: the EMA copy when there is one (None), the EMA
+    copy or a clear error (True), the live weights (False)."""
+    if use_ema is not False and hasattr(module, "ema"):
         return module.ema
+    if use_ema:
+        raise ValueError(f"this {getattr(module, 'family', 'kiln')} checkpoint has no EMA weights (trained "
+                         "without kiln.trainers.ema.EMA): use the live weights (--no-ema)")
     return getattr(module, getattr(module, "_ema_source", None) or getattr(module, "ema_target", "model"))
