@@ -1,0 +1,107 @@
+"""Judging in the loop: every K steps, M samples generated across the ranks, scored against the
+held-out real images on every rank's share, the scores reduced over ranks and logged.
+
+A generative family provides `generate_for_eval(indices, seed) -> (images in [-1, 1], labels or
+None)`: sample i depends on (seed, i) only, so the same M samples come out whatever the number
+of ranks, and N ranks give the one-rank scores (torchmetrics sums or gathers the FID/KID states;
+judge counts are all-reduced). Metric keys name the feature network: `eval/fid/<extractor>`,
+`eval/kid/<extractor>`, `eval/judge_accuracy` (and `eval/judge_real_accuracy`, the judge's own
+accuracy on real held-out data, beside it).
+"""
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from kiln.modules.eval.extractors import build_extractor
+from kiln.modules.eval.metrics import FidKid
+
+
+class GenerativeEval(L.Callback):
+    """Args:
+        every_n_steps: evaluate every this many optimizer steps (and at the end of training).
+        num_samples: generated samples per evaluation (and at most this many real ones).
+        extractor: feature network for FID/KID (`efficientnet-lite0`, `hed-vgg16`, `judge-<data set>`).
+        extractor_weights: a weights file for it (default: the packaged one).
+        judge: data set whose judge scores conditional samples by class (None: no judge).
+        batch_size: samples generated per call.
+        seed: the samples' seed (fixed: the same noise at every evaluation).
+    """
+
+    def __init__(self, every_n_steps: int = 1000, num_samples: int = 1000, extractor: str = "efficientnet-lite0",
+                 extractor_weights: str | None = None, judge: str | None = None, batch_size: int = 100, seed: int = 0):
+        self.every_n_steps, self.num_samples, self.batch_size, self.seed = every_n_steps, num_samples, batch_size, seed
+        self.extractor_name, self.extractor_weights, self.judge_name = extractor, extractor_weights, judge
+        self._metric: FidKid | None = None
+        self._judge = None
+        self._last = -1
+        self.last: dict[str, float] = {}  # the latest scores
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not hasattr(pl_module, "generate_for_eval"):
+            raise ValueError(f"GenerativeEval: {type(pl_module).__name__} does not generate (no generate_for_eval)")
+        # Built here, before the strategy starts, so a bad extractor or judge fails fast.
+        self._metric = FidKid(build_extractor(self.extractor_name, self.extractor_weights))
+        if self.judge_name:
+            from kiln.modules.eval.judge import get_judge
+
+            self._judge = get_judge(self.judge_name)
+
+    def _share(self, trainer: L.Trainer, n: int) -> range:
+        return range(trainer.global_rank, n, trainer.world_size)
+
+    @torch.no_grad()
+    def _real_features(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """This rank's share of the held-out images, up to `num_samples` in all."""
+        loader = trainer.datamodule.val_dataloader()
+        seen = 0
+        for i, batch in enumerate(loader):
+            batch = trainer.datamodule.on_after_batch_transfer(trainer.datamodule.on_before_batch_transfer(batch, 0), 0)
+            images = batch["image"]
+            take = images[: max(0, self.num_samples - seen)]
+            seen += len(take)
+            mine = take[trainer.global_rank::trainer.world_size]
+            if len(mine):
+                self._metric.update(mine.to(pl_module.device), real=True)
+            if seen >= self.num_samples:
+                break
+
+    @torch.no_grad()
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        metric = self._metric.to(pl_module.device)
+        if trainer.global_step == self._last:
+            return {}
+        self._last = trainer.global_step
+        if metric.fid.real_features_num_samples == 0:
+            self._real_features(trainer, pl_module)
+        metric.reset_fake()
+        correct = torch.zeros(2, dtype=torch.float64)  # (correct, judged)
+        mine = list(self._share(trainer, self.num_samples))
+        was_training = pl_module.training
+        pl_module.eval()
+        for i in range(0, len(mine), self.batch_size):
+            images, labels = pl_module.generate_for_eval(mine[i:i + self.batch_size], self.seed)
+            metric.update(images, real=False)
+            if self._judge is not None and labels is not None:
+                predicted = self._judge.logits(images.cpu()).argmax(1)
+                correct += torch.tensor([(predicted == labels.cpu()).sum().item(), len(labels)], dtype=torch.float64)
+        pl_module.train(was_training)
+        scores = metric.compute()
+        name = scores["extractor"]
+        out = {f"eval/fid/{name}": scores["fid"], f"eval/kid/{name}": scores["kid"]}
+        if self._judge is not None:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(correct)
+            out["eval/judge_accuracy"] = (correct[0] / correct[1].clamp_min(1)).item()
+            out["eval/judge_real_accuracy"] = float(self._judge.accuracy)
+        for logger in trainer.loggers:
+            logger.log_metrics(out, step=trainer.global_step)
+        self.last = out
+        return out
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.evaluate(trainer, pl_module)
