@@ -8,7 +8,8 @@ import torch
 from kiln.modules.eval.judge import DATASETS, get_judge
 
 
-def test_digits_judge_learns_and_is_cached(capsys):
+def test_digits_judge_learns_and_is_cached(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path))  # trained here, whatever other tests cached
     judge = get_judge("digits")
     assert judge.accuracy >= 0.9  # real held-out digits (chance 10%)
     assert "held-out accuracy" in capsys.readouterr().out

@@ -2,6 +2,8 @@
 better FID/KID and judge accuracy than untrained, and 2 ranks score the same samples as 1 rank."""
 from __future__ import annotations
 
+import json
+
 import lightning as L
 import pytest
 
@@ -76,3 +78,35 @@ wandb:
         scores[devices] = row
     for key in ("eval/fid/judge-digits", "eval/kid/judge-digits", "eval/judge_accuracy"):
         assert scores[2][key] == pytest.approx(scores[1][key], rel=1e-6, abs=1e-9), key
+
+
+def test_kiln_eval_on_a_generative_checkpoint(digits, tmp_path):
+    config = tmp_path / "toy.yaml"
+    config.write_text(f"""\
+model:
+  class_path: tests.toy_generator.ClassMeans
+data:
+  class_path: kiln.datamodules.webdataset.WebDataModule
+  init_args:
+    train_urls: {digits}/train/*.tar
+    val_urls: {digits}/test/*.tar
+    mapper: {{class_path: kiln.datamodules.mappers.ImageClass, init_args: {{image_size: 8}}}}
+    batch_size: 32
+    num_workers: 0
+trainer: {{accelerator: cpu, max_steps: 40, limit_val_batches: 0, enable_progress_bar: false}}
+wandb: {{mode: disabled}}
+""")
+    env = {"PYTHONPATH": str(REPO), "KILN_TRUSTED_PACKAGES": "tests"}  # the toy family lives in tests/
+    r = kiln("fit", "-c", str(config), "--run_dir", str(tmp_path / "run"), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "m.json"
+    r = kiln("eval", "--ckpt", str(tmp_path / "run" / "checkpoints" / "last.ckpt"), "--extractor", "judge-digits",
+             "--judge", "digits", "--num-samples", "300", "--out", str(out), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads(out.read_text())
+    assert m["extractor"] == "judge-digits" and m["samples"] == 300
+    assert m["fid"] < m["fid_untrained"] / 3 and m["judge/accuracy"] >= 0.8 > m["judge/accuracy_untrained"]
+    assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1 and m["is"] > m["is_untrained"]
+    r = kiln("eval", "--ckpt", str(tmp_path / "run" / "checkpoints" / "last.ckpt"), "--metrics", "is",
+             "--out", str(out), env=env)
+    assert r.returncode != 0 and "inception score need a judge: --judge" in r.stderr

@@ -106,6 +106,7 @@ def to_unit(images_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.float() / 127.5 - 1.0
 
 
+@torch.enable_grad()  # also when asked for from inside an evaluation's no_grad
 def train_judge(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
                 cfg: JudgeConfig, name: str = "judge", log=print) -> Judge:
     """Train on real images in [-1, 1] with random 2-pixel shifts and flips; AdamW, one-cycle."""
