@@ -43,31 +43,36 @@ def test_training_improves_every_score(digits, tmp_path):
     assert trained["eval/judge_real_accuracy"] >= 0.9
 
 
-def test_two_ranks_score_like_one(digits, tmp_path):
-    config = tmp_path / "toy.yaml"
-    config.write_text(f"""\
+def _toy_config(path, digits: str, lr: float, batch_size: int, steps: int, callbacks: str = "") -> str:
+    """`kiln fit` of the toy model on the digits shards (callbacks: YAML lines under trainer)."""
+    path.write_text(f"""\
 model:
   class_path: tests.toy_generator.ClassMeans
-  init_args: {{lr: 0.0}}
+  init_args: {{lr: {lr}}}
 data:
   class_path: kiln.datamodules.webdataset.WebDataModule
   init_args:
     train_urls: {digits}/train/*.tar
     val_urls: {digits}/test/*.tar
     mapper: {{class_path: kiln.datamodules.mappers.ImageClass, init_args: {{image_size: 8}}}}
-    batch_size: 16
+    batch_size: {batch_size}
     num_workers: 0
 trainer:
   accelerator: cpu
-  max_steps: 2
+  max_steps: {steps}
   limit_val_batches: 0
-  enable_progress_bar: false
-  callbacks:
-    - class_path: kiln.trainers.judging.GenerativeEval
-      init_args: {{every_n_steps: 1000, num_samples: 250, extractor: judge-digits, judge: digits}}
+  enable_progress_bar: false{callbacks}
 wandb:
   mode: disabled
 """)
+    return str(path)
+
+
+def test_two_ranks_score_like_one(digits, tmp_path):
+    config = _toy_config(tmp_path / "toy.yaml", digits, lr=0.0, batch_size=16, steps=2, callbacks="""
+  callbacks:
+    - class_path: kiln.trainers.judging.GenerativeEval
+      init_args: {every_n_steps: 1000, num_samples: 250, extractor: judge-digits, judge: digits}""")
     scores = {}
     for devices in (1, 2):
         run = tmp_path / f"ranks-{devices}"
@@ -81,21 +86,7 @@ wandb:
 
 
 def test_kiln_eval_on_a_generative_checkpoint(digits, tmp_path):
-    config = tmp_path / "toy.yaml"
-    config.write_text(f"""\
-model:
-  class_path: tests.toy_generator.ClassMeans
-data:
-  class_path: kiln.datamodules.webdataset.WebDataModule
-  init_args:
-    train_urls: {digits}/train/*.tar
-    val_urls: {digits}/test/*.tar
-    mapper: {{class_path: kiln.datamodules.mappers.ImageClass, init_args: {{image_size: 8}}}}
-    batch_size: 32
-    num_workers: 0
-trainer: {{accelerator: cpu, max_steps: 40, limit_val_batches: 0, enable_progress_bar: false}}
-wandb: {{mode: disabled}}
-""")
+    config = _toy_config(tmp_path / "toy.yaml", digits, lr=0.05, batch_size=32, steps=40)
     env = {"PYTHONPATH": str(REPO), "KILN_TRUSTED_PACKAGES": "tests"}  # the toy family lives in tests/
     r = kiln("fit", "-c", str(config), "--run_dir", str(tmp_path / "run"), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
