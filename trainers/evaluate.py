@@ -116,7 +116,10 @@ def main(argv: list[str]) -> None:
 
     ckpt = load_checkpoint(args.ckpt)
     family = family_of(ckpt)
-    model, data = build_from_checkpoint(ckpt)
+    try:
+        model, data = build_from_checkpoint(ckpt)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot judge this '{family}' checkpoint: {e}") from None
     if hasattr(model, "generate_for_eval"):
         from functools import partial
 

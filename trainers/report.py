@@ -123,10 +123,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("run_dir", help="a run directory (local path or URL)")
     parser.add_argument("--out", required=True, help="the HTML file to write (local path or URL)")
     args = parser.parse_args(argv)
+    from kiln.trainers.run_dir import write_atomic
+
     page = render(args.run_dir)
-    fs, out = fsspec.core.url_to_fs(args.out)
-    tmp = f"{out}.tmp"
-    with fs.open(tmp, "w") as f:
-        f.write(page)
-    fs.mv(tmp, out)
+    write_atomic(args.out, page)
     print(f"kiln report: {args.run_dir} -> {args.out} ({len(page) / 1e6:.1f} MB)")

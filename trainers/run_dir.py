@@ -58,6 +58,19 @@ def wandb_run_id(run_dir: str) -> str:
     return run_id
 
 
+def write_atomic(url: str, data: bytes | str) -> None:
+    """Write a whole file under a temporary name, then move it into place: readers see the old
+    file or the new one, never half of one (a rename locally, a single PUT on object storage)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    parent = os.path.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with fs.open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    fs.mv(tmp, path)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint under a temporary name and renames it into place, so a crash
     mid-save leaves the previous `last.ckpt` intact instead of a truncated one."""

@@ -18,7 +18,6 @@ and DCP's byte items through `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import posixpath
 import uuid
@@ -51,13 +50,12 @@ def shard_dir(pointer: str, step: int) -> tuple[str, str]:
 
 def write_pointer(pointer: str, checkpoint: dict[str, Any], shards: dict[str, Any], keep: str) -> None:
     """Rank 0, after every rank's shards are written: the pointer, atomically; then old shards go."""
-    fs, path = fsspec.core.url_to_fs(pointer)
+    from kiln.trainers.run_dir import write_atomic
+
     buffer = io.BytesIO()
     torch.save({**checkpoint, SHARDS: shards}, buffer)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with fs.open(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-    fs.mv(tmp, path)
+    write_atomic(pointer, buffer.getvalue())
+    fs, path = fsspec.core.url_to_fs(pointer)
     root = f"{path}.shards"
     for old in fs.ls(root, detail=False) if fs.exists(root) else []:
         if posixpath.basename(old.rstrip("/")) != posixpath.basename(keep):
@@ -196,16 +194,11 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     ckpt = consolidate(args.ckpt)
     ckpt.pop("optimizer_states", None)
-    fs, out = fsspec.core.url_to_fs(args.out)
-    parent = posixpath.dirname(out)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
+    from kiln.trainers.run_dir import write_atomic
+
     buffer = io.BytesIO()
     torch.save(ckpt, buffer)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    with fs.open(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-    fs.mv(tmp, out)
+    write_atomic(args.out, buffer.getvalue())
     n = sum(t.numel() for t in ckpt["state_dict"].values())
     print(f"kiln consolidate: {args.ckpt} -> {args.out} ({len(ckpt['state_dict'])} tensors, {n:,} numbers)")
 
