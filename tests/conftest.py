@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -29,14 +30,8 @@ def _private_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("kiln-cache")
     env = {"KILN_CACHE": str(cache), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
            "WANDB_DIR": str(cache), "PYTHONUNBUFFERED": "1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield cache
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with patch.dict(os.environ, env):  # restored afterwards
+        yield cache
 
 
 @pytest.fixture(scope="session")
@@ -57,15 +52,9 @@ def s3_server():
     server = MotoServer()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "kiln-test-secret-4d1f",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": server.endpoint}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield server
+    with patch.dict(os.environ, env):  # restored afterwards
+        yield server
     server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture

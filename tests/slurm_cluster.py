@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 
@@ -158,11 +159,5 @@ def slurm_cluster() -> Iterator[dict]:
     if missing:
         pytest.skip(f"SLURM not installed ({', '.join(missing)} missing; run .ci/install)")
     env = ensure_cluster(ROOT)
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with patch.dict(os.environ, env):  # restored afterwards
+        yield env
