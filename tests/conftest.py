@@ -10,7 +10,12 @@ from pathlib import Path
 from unittest.mock import patch
 
 import pytest
-import torch
+
+# As `kiln` itself does (trainers/cli.py): idle OpenMP threads sleep instead of spinning, so the
+# test process, its kiln subprocesses and their data workers can share 2 cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402 - after the OpenMP setting
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,158 @@
+"""`kiln sample --ckpt CKPT --out DIR [conditions] [sampling options]`: write generated images as PNGs.
+
+Conditions (what the family is asked to draw), each repeatable:
+    --prompt TEXT        text-to-image families
+    --class N            class-conditional families
+    --input IMG          image-to-image families (and StyleGAN's projection mode)
+    --label-map IMG      label map -> image (SPADE)
+Sampling options, each passed only to a family that has it:
+    --guidance-scale S   classifier-free guidance
+    --steps N            sampler steps
+    --sampler NAME       e.g. ddpm, ddim, dpmpp_2m
+    --truncation T       GAN truncation
+    --mode NAME          a family's other sampling mode (e.g. `project`)
+    --num N              images per condition (default 1); --seed S fixes all noise
+
+A family takes part by defining `generate(num, seed, **options) -> images in [-1, 1]`, (N, C, H, W)
+(or a dict stage -> images for a cascade), whose keyword arguments are the options above with
+underscores (`prompts`, `classes`, `inputs`, `label_maps`, `guidance_scale`, `steps`, `sampler`,
+`truncation`, `mode`). Asking for an option the family does not have is an error that lists the
+ones it has. Sampling uses the EMA weights when the checkpoint has them (--no-ema: the live ones).
+
+Writes DIR/<index>-<condition>.png per image (DIR/<stage>/... per cascade stage) and DIR/grid.png.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+
+import fsspec
+import torch
+from PIL import Image
+
+from kiln.trainers.args import CommandParser
+from kiln.trainers.checkpoint import CheckpointError, build_from_checkpoint, family_of, load_checkpoint
+from kiln.trainers.samples import grid_image
+
+# option on the command line -> keyword of the family's `generate`
+OPTIONS = {"prompt": "prompts", "class_": "classes", "input": "inputs", "label_map": "label_maps",
+           "guidance_scale": "guidance_scale", "steps": "steps", "sampler": "sampler",
+           "truncation": "truncation", "mode": "mode"}
+
+
+def _flag(keyword: str) -> str:
+    option = next(k for k, v in OPTIONS.items() if v == keyword)
+    return "--" + option.rstrip("_").replace("_", "-")
+
+
+def _read_image(url: str) -> torch.Tensor:
+    """An image file -> (C, H, W) in [-1, 1]; grey stays one channel."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.isfile(path):
+        raise FileNotFoundError(f"input image not found: {url}")
+    with fs.open(path, "rb") as f:
+        image = Image.open(f)
+        image = image.convert("L" if image.mode in ("1", "L", "I;16") else "RGB")
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    c = 1 if image.mode == "L" else 3
+    return pixels.view(image.height, image.width, c).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def _read_label_map(url: str) -> torch.Tensor:
+    """A label map stored as a grey PNG (pixel value = label) -> (H, W) int64."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.isfile(path):
+        raise FileNotFoundError(f"label map not found: {url}")
+    with fs.open(path, "rb") as f:
+        image = Image.open(f)
+        if image.mode not in ("L", "P", "I", "I;16"):
+            raise ValueError(f"{url} is not a label map (mode {image.mode}; expected one channel of label ids)")
+        return torch.tensor(list(image.getdata()), dtype=torch.int64).view(image.height, image.width)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "x"
+
+
+def check_options(model, given: dict) -> None:
+    """One line naming what the family cannot do and what it can."""
+    generate = getattr(model, "generate", None)
+    family = getattr(model, "family", type(model).__name__)
+    if generate is None:
+        raise CheckpointError(f"a '{family}' checkpoint does not generate images: nothing to sample")
+    accepted = set(inspect.signature(generate).parameters)
+    unknown = [k for k in given if k not in accepted]
+    if unknown:
+        takes = ", ".join(_flag(k) for k in OPTIONS.values() if k in accepted) or "no options"
+        raise ValueError(f"the '{family}' family does not take {', '.join(_flag(k) for k in unknown)} (it takes: {takes})")
+
+
+def conditions_of(given: dict, num: int) -> list[str]:
+    """A name per generated image, for its file name: the condition it was drawn for."""
+    for key in ("prompts", "classes", "inputs", "label_maps"):
+        if key in given:
+            names = [_slug(str(c)) if key != "inputs" and key != "label_maps" else _slug(c.rsplit("/", 1)[-1].rsplit(".", 1)[0])
+                     for c in given[key]]
+            return [name for name in names for _ in range(num)]
+    return ["sample"] * num
+
+
+def write_images(images: torch.Tensor, names: list[str], out: str) -> list[str]:
+    fs, root = fsspec.core.url_to_fs(out)
+    fs.makedirs(root, exist_ok=True)
+    written = []
+    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    for i, (image, name) in enumerate(zip(pixels, names)):
+        array = image.permute(1, 2, 0).numpy()
+        pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+        path = f"{root.rstrip('/')}/{i:04d}-{name}.png"
+        with fs.open(path, "wb") as f:
+            pil.save(f, format="PNG")
+        written.append(path)
+    with fs.open(f"{root.rstrip('/')}/grid.png", "wb") as f:
+        grid_image(images, nrow=min(len(images), 8)).save(f, format="PNG")
+    return written
+
+
+def main(argv: list[str]) -> None:
+    parser = CommandParser(prog="kiln sample", description=__doc__)
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--out", required=True, help="folder (path or URL) for the PNGs")
+    parser.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
+    parser.add_argument("--class", dest="class_", action="append", type=int, help="a class index (repeatable)")
+    parser.add_argument("--input", action="append", help="an input image (repeatable)")
+    parser.add_argument("--label-map", action="append", help="a label-map PNG (repeatable)")
+    parser.add_argument("--guidance-scale", type=float)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--sampler")
+    parser.add_argument("--truncation", type=float)
+    parser.add_argument("--mode")
+    parser.add_argument("--num", type=int, default=1, help="images per condition")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-ema", action="store_true", help="sample with the live weights, not the EMA")
+    args = parser.parse_args(argv)
+    if args.num < 1:
+        raise ValueError(f"--num must be at least 1, got {args.num}")
+
+    given = {OPTIONS[k]: v for k, v in vars(args).items() if k in OPTIONS and v is not None}
+    ckpt = load_checkpoint(args.ckpt)
+    family = family_of(ckpt)
+    try:
+        model, _ = build_from_checkpoint(ckpt)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot sample from this '{family}' checkpoint: {e}") from None
+    check_options(model, given)
+    names = conditions_of(given, args.num)
+    if "inputs" in given:
+        given["inputs"] = torch.stack([_read_image(u) for u in given["inputs"]])
+    if "label_maps" in given:
+        given["label_maps"] = torch.stack([_read_label_map(u) for u in given["label_maps"]])
+    model.sample_with_ema = not args.no_ema
+    model.eval()
+    with torch.no_grad():
+        images = model.generate(num=args.num, seed=args.seed, **given)
+    stages = images if isinstance(images, dict) else {"": images}
+    for stage, batch in stages.items():
+        out = f"{args.out.rstrip('/')}/{stage}" if stage else args.out
+        written = write_images(batch, names, out)
+        print(f"{len(written)} images ({tuple(batch.shape[1:])}) -> {out}")
