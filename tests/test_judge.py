@@ -33,3 +33,16 @@ def test_fashion_mnist_judge_reaches_91_percent():
     judge = get_judge("fashion-mnist")
     print(f"fashion-mnist judge: held-out accuracy {judge.accuracy:.4f}")
     assert judge.accuracy >= 0.91
+
+
+@pytest.mark.learning
+def test_emoji_category_judge():
+    """The 9 Unicode emoji groups in all three styles, judged on held-out designs (all their
+    skin-tone variants and styles held out together). People & Body is 57% of the emoji: the
+    judge must do far better than always answering it."""
+    (train_x, train_y), (val_x, val_y), _ = DATASETS["emoji"]()
+    majority = torch.bincount(val_y).max().item() / len(val_y)
+    judge = get_judge("emoji")
+    print(f"emoji judge: held-out accuracy {judge.accuracy:.4f} (majority class {majority:.4f}, "
+          f"{len(train_y)} training / {len(val_y)} held-out images)")
+    assert judge.accuracy >= majority + 0.15

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import lightning as L
+import numpy as np
 import pytest
 
 from conftest import REPO, kiln, read_metrics
@@ -12,7 +13,7 @@ from kiln.datamodules.builders import write_digits_shards
 from kiln.datamodules.mappers import ImageClass
 from kiln.datamodules.webdataset import WebDataModule
 from kiln.trainers.judging import GenerativeEval
-from tests.toy_generator import ClassMeans
+from tests.toy_generator import ClassMeans, TwoStages
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +23,14 @@ def digits(tmp_path_factory) -> str:
     return str(root)
 
 
-def _run(digits: str, root, lr: float, steps: int) -> dict:
+def _run(digits: str, root, lr: float, steps: int, model=ClassMeans) -> dict:
     callback = GenerativeEval(every_n_steps=1000, num_samples=300, extractor="judge-digits", judge="digits")
     data = WebDataModule(f"{digits}/train/*.tar", ImageClass(image_size=8), val_urls=f"{digits}/test/*.tar",
                          batch_size=32, num_workers=0)
     trainer = L.Trainer(max_steps=steps, callbacks=[callback], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
                         limit_val_batches=0, accelerator="cpu")
-    trainer.fit(ClassMeans(lr=lr), data)
+    trainer.fit(model(lr=lr), data)
     return callback.last
 
 
@@ -41,6 +42,13 @@ def test_training_improves_every_score(digits, tmp_path):
     assert trained[kid] < untrained[kid] / 3
     assert untrained["eval/judge_accuracy"] <= 0.2 and trained["eval/judge_accuracy"] >= 0.8
     assert trained["eval/judge_real_accuracy"] >= 0.9
+
+
+def test_each_cascade_stage_is_judged_at_its_own_size(digits, tmp_path):
+    scores = _run(digits, tmp_path, lr=0.05, steps=40, model=TwoStages)
+    assert {k for k in scores if "/base/" in k} == {"eval/base/fid/judge-digits", "eval/base/kid/judge-digits",
+                                                    "eval/base/judge_accuracy", "eval/base/judge_real_accuracy"}
+    assert scores["eval/upsampled/judge_accuracy"] >= 0.8 and "eval/upsampled/fid/judge-digits" in scores
 
 
 def _toy_config(path, digits: str, lr: float, batch_size: int, steps: int, callbacks: str = "") -> str:
@@ -101,3 +109,19 @@ def test_kiln_eval_on_a_generative_checkpoint(digits, tmp_path):
     r = kiln("eval", "--ckpt", str(tmp_path / "run" / "checkpoints" / "last.ckpt"), "--metrics", "is",
              "--out", str(out), env=env)
     assert r.returncode != 0 and "inception score need a judge: --judge" in r.stderr
+    # `kiln sample` on the same checkpoint: the PNGs are the classes asked for (the digits judge says so).
+    samples = tmp_path / "samples"
+    r = kiln("sample", "--ckpt", str(tmp_path / "run" / "checkpoints" / "last.ckpt"), "--class", "3", "--class", "7",
+             "--num", "2", "--seed", "1", "--out", str(samples), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    pngs = sorted(p.name for p in samples.glob("0*.png"))
+    assert pngs == ["0000-3.png", "0001-3.png", "0002-7.png", "0003-7.png"] and (samples / "grid.png").exists()
+    from PIL import Image
+
+    from kiln.modules.eval.judge import get_judge, to_unit
+
+    images = to_unit(np.stack([np.array(Image.open(samples / name)) for name in pngs]))
+    assert get_judge("digits").logits(images).argmax(1).tolist() == [3, 3, 7, 7]
+    r = kiln("sample", "--ckpt", str(tmp_path / "run" / "checkpoints" / "last.ckpt"), "--prompt", "a seven",
+             "--out", str(samples), env=env)
+    assert r.returncode != 0 and "family does not take --prompt (it takes: --class)" in r.stderr, r.stderr

@@ -27,3 +27,23 @@ class ClassMeans(L.LightningModule):
         noise = torch.stack([torch.randn(self.means.shape[1:], generator=torch.Generator().manual_seed(seed * 100003 + i))
                              for i in indices])
         return (self.means[labels] + self.noise * noise).clamp(-1, 1), labels
+
+    @torch.no_grad()
+    def generate(self, num: int = 1, seed: int = 0, classes: list[int] | None = None):
+        """`kiln sample`: `num` images of each class in `classes` (default: every class)."""
+        classes = list(range(len(self.means))) if classes is None else classes
+        bad = [c for c in classes if not 0 <= c < len(self.means)]
+        if bad:
+            raise ValueError(f"class {bad[0]} outside [0, {len(self.means)})")
+        indices = [c + len(self.means) * k for c in classes for k in range(num)]
+        return self.generate_for_eval(indices, seed)[0]
+
+
+class TwoStages(ClassMeans):
+    """ClassMeans as a two-stage cascade: a 4 px "base" image and its 8 px "upsampled" version."""
+
+    @torch.no_grad()
+    def generate_for_eval(self, indices: list[int], seed: int):
+        images, labels = super().generate_for_eval(indices, seed)
+        low = torch.nn.functional.avg_pool2d(images, 2)
+        return {"base": (low, labels), "upsampled": (images, labels)}

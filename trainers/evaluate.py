@@ -49,53 +49,183 @@ def evaluate_generative(models: list, data: L.LightningDataModule, metrics: list
                         seed: int = 0, batch_size: int = 100) -> list[dict[str, float]]:
     """Generated samples of each model against up to `num_samples` held-out real images: FID/KID
     and precision/recall on `extractor`'s features, judge accuracy and inception score on the
-    judge's logits. Sample i depends on (seed, i) only, as in the training-time GenerativeEval."""
+    judge's logits, each for every stage of a cascade (`<stage>/fid`, ...), and for an upsampler
+    the L1 of its output and of bicubic upsampling to the real images (`l1`, `l1_baseline`).
+    Sample i depends on (seed, i) only, as in the training-time GenerativeEval."""
     from kiln.modules.eval.extractors import build_extractor
     from kiln.modules.eval.judge import get_judge
     from kiln.modules.eval.metrics import FidKid, inception_score, precision_recall
+    from kiln.trainers.judging import resize_like, stages
 
     net = build_extractor(extractor, extractor_weights)
     judge_net = get_judge(judge) if judge else None
     if judge_net is None and {"judge", "is"} & set(metrics):
         raise ValueError("judge accuracy and inception score need a judge: --judge DATA_SET (e.g. fashion-mnist)")
-    real = []
+    real_images, captions = [], []
     for batch in data.val_dataloader():
         batch = data.on_after_batch_transfer(data.on_before_batch_transfer(batch, 0), 0)
-        real.append(net(batch["image"]))
-        if sum(len(r) for r in real) >= num_samples:
+        real_images.append(batch["image"])
+        captions += list(batch.get("caption", [""] * len(batch["image"])))
+        if sum(len(r) for r in real_images) >= num_samples:
             break
-    real = torch.cat(real)[:num_samples]
+    real_images, captions = torch.cat(real_images)[:num_samples], captions[:num_samples]
+    real_features: dict[tuple, torch.Tensor] = {}  # per stage shape
+
+    def real(shape: tuple) -> torch.Tensor:
+        if shape not in real_features:
+            real_features[shape] = torch.cat([net(resize_like(real_images[i:i + batch_size], shape))
+                                              for i in range(0, len(real_images), batch_size)])
+        return real_features[shape]
+
     results = []
     for model in models:
         model.eval()
-        fake, logits, labels = [], [], []
-        for i in range(0, num_samples, batch_size):
-            images, y = model.generate_for_eval(list(range(i, min(i + batch_size, num_samples))), seed)
-            fake.append(net(images))
+        fake: dict[str, list] = {}
+        # An upsampler without its base has nothing to generate from: it is judged on real inputs.
+        cascade = not upsamples(model) or bool(model.hparams.get("base_ckpt"))
+        generated = cascade and set(metrics) & {"fid", "kid", "precision_recall", "judge", "is"}
+        for i in range(0, num_samples if generated else 0, batch_size):
+            out = model.generate_for_eval(list(range(i, min(i + batch_size, num_samples))), seed)
+            for stage, (images, y) in stages(out).items():
+                fake.setdefault(stage, []).append((images.shape[1:], net(images),
+                                                   judge_net.logits(images) if judge_net is not None else None, y))
+        result: dict[str, float] = {"heldout/images": float(len(real_images))}
+        for stage, parts in fake.items():
+            prefix = f"{stage}/" if stage else ""
+            features = torch.cat([p[1] for p in parts])
+            result[f"{prefix}samples"] = float(len(features))
+            reference = real(tuple(parts[0][0]))
+            if {"fid", "kid"} & set(metrics):
+                scores = FidKid(net)
+                scores.update_features(reference, real=True)
+                scores.update_features(features, real=False)
+                result |= {f"{prefix}{k}": v for k, v in scores.compute().items() if k in metrics}
+            if "precision_recall" in metrics:
+                result |= {f"{prefix}{k}": v for k, v in precision_recall(reference, features).items()}
             if judge_net is not None:
-                logits.append(judge_net.logits(images))
-                labels.append(y)
-        fake = torch.cat(fake)
-        result: dict[str, float] = {"heldout/images": float(len(real)), "samples": float(len(fake))}
-        if {"fid", "kid"} & set(metrics):
-            scores = FidKid(net)
-            scores.update_features(real, real=True)
-            scores.update_features(fake, real=False)
-            result |= {k: v for k, v in scores.compute().items() if k in metrics}
-        if "precision_recall" in metrics:
-            result |= precision_recall(real, fake)
-        if judge_net is not None:
-            logits = torch.cat(logits)
-            if "judge" in metrics and labels[0] is not None:
-                result["judge/accuracy"] = (logits.argmax(1) == torch.cat(labels)).double().mean().item()
-            if "is" in metrics:
-                result["is"], result["is_std"] = inception_score(logits)
-            result["judge/real_accuracy"] = float(judge_net.accuracy)
+                logits = torch.cat([p[2] for p in parts])
+                if "judge" in metrics and parts[0][3] is not None:
+                    labels = torch.cat([p[3] for p in parts])
+                    result[f"{prefix}judge/accuracy"] = (logits.argmax(1) == labels).double().mean().item()
+                if "is" in metrics:
+                    result[f"{prefix}is"], result[f"{prefix}is_std"] = inception_score(logits)
+                result[f"{prefix}judge/real_accuracy"] = float(judge_net.accuracy)
+        if upsamples(model) and ("l1" in metrics or not generated):
+            result |= super_resolution_scores(model, real_images, captions, metrics, net, seed, batch_size)
         results.append(result)
     return results
 
 
-GENERATIVE = ("fid", "kid", "precision_recall", "judge", "is")
+@torch.no_grad()
+def evaluate_generative(models: list, data: L.LightningDataModule, metrics: list[str], extractor: str = "efficientnet-lite0",
+                        extractor_weights: str | None = None, judge: str | None = None, num_samples: int = 1000,
+                        seed: int = 0, batch_size: int = 100) -> list[dict[str, float]]:
+    """Generated samples of each model against up to `num_samples` held-out real images: FID/KID
+    and precision/recall on `extractor`'s features, judge accuracy and inception score on the
+    judge's logits, each for every stage of a cascade (`<stage>/fid`, ...), and for an upsampler
+    the L1 of its output and of bicubic upsampling to the real images (`l1`, `l1_baseline`).
+    Sample i depends on (seed, i) only, as in the training-time GenerativeEval."""
+    from kiln.modules.eval.extractors import build_extractor
+    from kiln.modules.eval.judge import get_judge
+    from kiln.modules.eval.metrics import FidKid, inception_score, precision_recall
+    from kiln.trainers.judging import resize_like, stages
+
+    net = build_extractor(extractor, extractor_weights)
+    judge_net = get_judge(judge) if judge else None
+    if judge_net is None and {"judge", "is"} & set(metrics):
+        raise ValueError("judge accuracy and inception score need a judge: --judge DATA_SET (e.g. fashion-mnist)")
+    real_images, captions = [], []
+    for batch in data.val_dataloader():
+        batch = data.on_after_batch_transfer(data.on_before_batch_transfer(batch, 0), 0)
+        real_images.append(batch["image"])
+        captions += list(batch.get("caption", [""] * len(batch["image"])))
+        if sum(len(r) for r in real_images) >= num_samples:
+            break
+    real_images, captions = torch.cat(real_images)[:num_samples], captions[:num_samples]
+    real_features: dict[tuple, torch.Tensor] = {}  # per stage shape
+
+    def real(shape: tuple) -> torch.Tensor:
+        if shape not in real_features:
+            real_features[shape] = torch.cat([net(resize_like(real_images[i:i + batch_size], shape))
+                                              for i in range(0, len(real_images), batch_size)])
+        return real_features[shape]
+
+    results = []
+    for model in models:
+        model.eval()
+        fake: dict[str, list] = {}
+        # An upsampler without its base has nothing to generate from: it is judged on real inputs.
+        cascade = not upsamples(model) or bool(model.hparams.get("base_ckpt"))
+        generated = cascade and set(metrics) & {"fid", "kid", "precision_recall", "judge", "is"}
+        for i in range(0, num_samples if generated else 0, batch_size):
+            out = model.generate_for_eval(list(range(i, min(i + batch_size, num_samples))), seed)
+            for stage, (images, y) in stages(out).items():
+                fake.setdefault(stage, []).append((images.shape[1:], net(images),
+                                                   judge_net.logits(images) if judge_net is not None else None, y))
+        result: dict[str, float] = {"heldout/images": float(len(real_images))}
+        for stage, parts in fake.items():
+            prefix = f"{stage}/" if stage else ""
+            features = torch.cat([p[1] for p in parts])
+            result[f"{prefix}samples"] = float(len(features))
+            reference = real(tuple(parts[0][0]))
+            if {"fid", "kid"} & set(metrics):
+                scores = FidKid(net)
+                scores.update_features(reference, real=True)
+                scores.update_features(features, real=False)
+                result |= {f"{prefix}{k}": v for k, v in scores.compute().items() if k in metrics}
+            if "precision_recall" in metrics:
+                result |= {f"{prefix}{k}": v for k, v in precision_recall(reference, features).items()}
+            if judge_net is not None:
+                logits = torch.cat([p[2] for p in parts])
+                if "judge" in metrics and parts[0][3] is not None:
+                    labels = torch.cat([p[3] for p in parts])
+                    result[f"{prefix}judge/accuracy"] = (logits.argmax(1) == labels).double().mean().item()
+                if "is" in metrics:
+                    result[f"{prefix}is"], result[f"{prefix}is_std"] = inception_score(logits)
+                result[f"{prefix}judge/real_accuracy"] = float(judge_net.accuracy)
+        if "l1" in metrics:
+            if not upsamples(model):
+                raise ValueError(f"l1 is for upsamplers: this '{getattr(model, 'family', '?')}' model does not upsample")
+            parts = [model.super_resolution(real_images[i:i + batch_size], captions[i:i + batch_size], seed)
+                     for i in range(0, len(real_images), batch_size)]
+            weights = [min(batch_size, len(real_images) - i) for i in range(0, len(real_images), batch_size)]
+            for key in ("l1", "l1_baseline"):
+                result[key] = sum(p[key] * w for p, w in zip(parts, weights)) / sum(weights)
+        results.append(result)
+    return results
+
+
+@torch.no_grad()
+def super_resolution_scores(model, real_images: torch.Tensor, captions: list[str], metrics: list[str], net,
+                            seed: int, batch_size: int) -> dict[str, float]:
+    """An upsampler on the held-out images brought down to its input size: mean L1 to the real
+    images of its output (`l1`) and of bicubic upsampling (`l1_baseline`); with "fid"/"kid" in
+    `metrics`, the same pair of distribution scores (`fid`, `fid_baseline`, ...)."""
+    from kiln.modules.eval.metrics import FidKid
+
+    l1 = torch.zeros(2, dtype=torch.float64)
+    scores = {"": FidKid(net), "_baseline": FidKid(net)}
+    for i in range(0, len(real_images), batch_size):
+        real, out, bicubic = model.super_resolution(real_images[i:i + batch_size], captions[i:i + batch_size], seed + i)
+        l1 += torch.tensor([(out - real).abs().mean(dim=(1, 2, 3)).sum().item(),
+                            (bicubic - real).abs().mean(dim=(1, 2, 3)).sum().item()], dtype=torch.float64)
+        if {"fid", "kid"} & set(metrics):
+            for suffix, images in (("", out), ("_baseline", bicubic)):
+                scores[suffix].update(real, real=True)
+                scores[suffix].update(images, real=False)
+    result = {"l1": l1[0].item() / len(real_images), "l1_baseline": l1[1].item() / len(real_images)}
+    if {"fid", "kid"} & set(metrics):
+        for suffix, metric in scores.items():
+            result |= {f"{k}{suffix}": v for k, v in metric.compute().items() if k in metrics}
+    return result
+
+
+def upsamples(model) -> bool:
+    """A super-resolution stage (judged by `l1` against bicubic upsampling)."""
+    return hasattr(model, "super_resolution") and dict(getattr(model, "hparams", {})).get("stage") == "upsampler"
+
+
+GENERATIVE = ("fid", "kid", "precision_recall", "judge", "is", "l1")
 # family -> (judge metrics available, default list, evaluator)
 EVALUATORS = {"clip": (("zero_shot", "retrieval"), ("zero_shot", "retrieval"), evaluate_clip)}
 
@@ -112,7 +242,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--judge", help="data set whose judge scores class accuracy and inception score")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--no-ema", action="store_true", help="sample with the live weights, not the EMA")
+    parser.add_argument("--guidance-scale", type=float, help="sampling override (families with guidance)")
+    parser.add_argument("--sampler", help="sampling override, e.g. ddim, ddpm, dpmpp_2m")
+    parser.add_argument("--steps", type=int, help="sampling override: sampler steps")
     args = parser.parse_args(argv)
+    overrides = {k: v for k, v in (("guidance_scale", args.guidance_scale), ("sampler", args.sampler),
+                                   ("sample_steps", args.steps)) if v is not None}
 
     ckpt = load_checkpoint(args.ckpt)
     family = family_of(ckpt)
@@ -127,7 +262,10 @@ def main(argv: list[str]) -> None:
         evaluator = partial(evaluate_generative, extractor=args.extractor, extractor_weights=args.extractor_weights,
                             judge=args.judge, num_samples=args.num_samples)
         available = GENERATIVE
-        default = ("fid", "kid", "precision_recall") + (("judge", "is") if args.judge else ())
+        default = ("fid", "kid", "precision_recall") + (("judge", "is") if args.judge else ()) \
+            + (("l1",) if upsamples(model) else ())
+        if upsamples(model) and not model.hparams.get("base_ckpt"):  # no cascade: judged on real inputs
+            default = ("l1", "fid", "kid")
     elif family in EVALUATORS:
         available, default, evaluator = EVALUATORS[family]
     else:
@@ -144,11 +282,18 @@ def main(argv: list[str]) -> None:
     if not args.no_untrained:
         torch.manual_seed(0)
         models.append(build_from_checkpoint(ckpt, load_weights=False)[0])
+    for name, value in overrides.items():
+        if name not in getattr(model, "hparams", {}):
+            flag = "--steps" if name == "sample_steps" else "--" + name.replace("_", "-")
+            raise ValueError(f"a '{family}' checkpoint has no {flag} to override")
+        for m in models:
+            m.hparams[name] = value
     results, *baseline = evaluator(models, data, metrics)
     for untrained in baseline:
         results |= {f"{k}_untrained": v for k, v in untrained.items() if not k.startswith("heldout/")}
     results["extractor"] = args.extractor if available is GENERATIVE else f"{family} (the checkpoint's own towers)"
     results["step"] = ckpt.get("global_step", -1)
+    results |= {f"sampling/{k}": v for k, v in overrides.items()}
     with fsspec.open(args.out, "w") as f:
         json.dump(results, f, indent=2, sort_keys=True)
     print(json.dumps({k: v for k, v in results.items() if "untrained" not in k}, sort_keys=True))

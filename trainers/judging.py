@@ -2,16 +2,19 @@
 held-out real images on every rank's share, the scores reduced over ranks and logged.
 
 A generative family provides `generate_for_eval(indices, seed) -> (images in [-1, 1], labels or
-None)`: sample i depends on (seed, i) only, so the same M samples come out whatever the number
-of ranks, and N ranks give the one-rank scores (torchmetrics sums or gathers the FID/KID states;
-judge counts are all-reduced). Metric keys name the feature network: `eval/fid/<extractor>`,
-`eval/kid/<extractor>`, `eval/judge_accuracy` (and `eval/judge_real_accuracy`, the judge's own
-accuracy on real held-out data, beside it).
+None)`, or for a cascade a dict stage -> (images, labels), each stage judged on its own against
+the real images brought to its size. Sample i depends on (seed, i) only, so the same M samples
+come out whatever the number of ranks, and N ranks give the one-rank scores (torchmetrics sums or
+gathers the FID/KID states; judge counts are all-reduced). Metric keys name the feature network:
+`eval/fid/<extractor>`, `eval/kid/<extractor>`, `eval/judge_accuracy` (and
+`eval/judge_real_accuracy`, the judge's own accuracy on real held-out data, beside it); a
+cascade's stages under `eval/<stage>/`.
 """
 from __future__ import annotations
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 
 from kiln.modules.eval.extractors import build_extractor
 from kiln.modules.eval.metrics import FidKid
@@ -32,7 +35,8 @@ class GenerativeEval(L.Callback):
                  extractor_weights: str | None = None, judge: str | None = None, batch_size: int = 100, seed: int = 0):
         self.every_n_steps, self.num_samples, self.batch_size, self.seed = every_n_steps, num_samples, batch_size, seed
         self.extractor_name, self.extractor_weights, self.judge_name = extractor, extractor_weights, judge
-        self._metric: FidKid | None = None
+        self._extractor = None
+        self._metrics: dict[str, FidKid] = {}  # stage -> scores ("" for a single-stage family)
         self._judge = None
         self._last = -1
         self.last: dict[str, float] = {}  # the latest scores
@@ -41,7 +45,7 @@ class GenerativeEval(L.Callback):
         if not hasattr(pl_module, "generate_for_eval"):
             raise ValueError(f"GenerativeEval: {type(pl_module).__name__} does not generate (no generate_for_eval)")
         # Built here, before the strategy starts, so a bad extractor or judge fails fast.
-        self._metric = FidKid(build_extractor(self.extractor_name, self.extractor_weights))
+        self._extractor = build_extractor(self.extractor_name, self.extractor_weights)
         if self.judge_name:
             from kiln.modules.eval.judge import get_judge
 
@@ -51,49 +55,54 @@ class GenerativeEval(L.Callback):
         return range(trainer.global_rank, n, trainer.world_size)
 
     @torch.no_grad()
-    def _real_features(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """This rank's share of the held-out images, up to `num_samples` in all."""
+    def _real_features(self, trainer: L.Trainer, pl_module: L.LightningModule, metric: FidKid, size: tuple) -> None:
+        """This rank's share of the held-out images, up to `num_samples` in all, at `size`."""
         loader = trainer.datamodule.val_dataloader()
         seen = 0
-        for i, batch in enumerate(loader):
+        for batch in loader:
             batch = trainer.datamodule.on_after_batch_transfer(trainer.datamodule.on_before_batch_transfer(batch, 0), 0)
-            images = batch["image"]
-            take = images[: max(0, self.num_samples - seen)]
+            take = batch["image"][: max(0, self.num_samples - seen)]
             seen += len(take)
-            mine = take[trainer.global_rank::trainer.world_size]
+            mine = take[trainer.global_rank::trainer.world_size].to(pl_module.device)
             if len(mine):
-                self._metric.update(mine.to(pl_module.device), real=True)
+                metric.update(resize_like(mine, size), real=True)
             if seen >= self.num_samples:
                 break
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        metric = self._metric.to(pl_module.device)
         if trainer.global_step == self._last:
             return {}
         self._last = trainer.global_step
-        if metric.fid.real_features_num_samples == 0:
-            self._real_features(trainer, pl_module)
-        metric.reset_fake()
-        correct = torch.zeros(2, dtype=torch.float64)  # (correct, judged)
+        correct: dict[str, torch.Tensor] = {}  # stage -> (correct, judged)
         mine = list(self._share(trainer, self.num_samples))
         was_training = pl_module.training
         pl_module.eval()
+        for metric in self._metrics.values():
+            metric.reset_fake()
         for i in range(0, len(mine), self.batch_size):
-            images, labels = pl_module.generate_for_eval(mine[i:i + self.batch_size], self.seed)
-            metric.update(images, real=False)
-            if self._judge is not None and labels is not None:
-                predicted = self._judge.logits(images.cpu()).argmax(1)
-                correct += torch.tensor([(predicted == labels.cpu()).sum().item(), len(labels)], dtype=torch.float64)
+            for stage, (images, labels) in stages(pl_module.generate_for_eval(mine[i:i + self.batch_size], self.seed)).items():
+                if stage not in self._metrics:
+                    self._metrics[stage] = FidKid(self._extractor).to(pl_module.device)
+                    self._real_features(trainer, pl_module, self._metrics[stage], tuple(images.shape[1:]))
+                self._metrics[stage].update(images, real=False)
+                if self._judge is not None and labels is not None:
+                    predicted = self._judge.logits(images.cpu()).argmax(1)
+                    counts = torch.tensor([(predicted == labels.cpu()).sum().item(), len(labels)], dtype=torch.float64)
+                    correct[stage] = correct.get(stage, torch.zeros(2, dtype=torch.float64)) + counts
         pl_module.train(was_training)
-        scores = metric.compute()
-        name = scores["extractor"]
-        out = {f"eval/fid/{name}": scores["fid"], f"eval/kid/{name}": scores["kid"]}
-        if self._judge is not None:
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(correct)
-            out["eval/judge_accuracy"] = (correct[0] / correct[1].clamp_min(1)).item()
-            out["eval/judge_real_accuracy"] = float(self._judge.accuracy)
+        out = {}
+        for stage, metric in self._metrics.items():
+            scores = metric.compute()
+            prefix, name = f"eval/{stage}/" if stage else "eval/", scores["extractor"]
+            out |= {f"{prefix}fid/{name}": scores["fid"], f"{prefix}kid/{name}": scores["kid"]}
+            if self._judge is not None:
+                judged = correct.get(stage, torch.zeros(2, dtype=torch.float64))
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(judged)
+                if judged[1] > 0:
+                    out[f"{prefix}judge_accuracy"] = (judged[0] / judged[1]).item()
+                    out[f"{prefix}judge_real_accuracy"] = float(self._judge.accuracy)
         for logger in trainer.loggers:
             logger.log_metrics(out, step=trainer.global_step)
         self.last = out
@@ -105,3 +114,18 @@ class GenerativeEval(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.evaluate(trainer, pl_module)
+
+
+def stages(output) -> dict[str, tuple]:
+    """`generate_for_eval`'s output as stage -> (images, labels); "" names a single stage."""
+    return output if isinstance(output, dict) else {"": output}
+
+
+def resize_like(images: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """Real images brought to a stage's (C, H, W): antialiased resize, grey <-> RGB."""
+    c, h, w = shape
+    if images.shape[-2:] != (h, w):
+        images = F.interpolate(images, size=(h, w), mode="bilinear", antialias=True).clamp(-1, 1)
+    if images.shape[1] != c:
+        images = images.mean(1, keepdim=True) if c == 1 else images.expand(-1, c, -1, -1)
+    return images
