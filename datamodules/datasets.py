@@ -58,3 +58,29 @@ class EmojiDataModule(WebDataModule):
         from kiln.datamodules.emoji import ensure_emoji_shards
 
         ensure_emoji_shards(self.root, size=self.build_size, accept_any=self.user_root)
+
+
+class FashionMNISTDataModule(WebDataModule):
+    """Fashion-MNIST (Debian `dataset-fashion-mnist`): 60,000 training and 10,000 held-out 28 px
+    grey images of 10 classes, each captioned "a photo of a <class>" (`txt`) with its label (`cls`).
+
+    Args:
+        mapper: per-sample mapping (`ImageText` for text-to-image, `ImageClass` for class-conditional).
+        root: shard folder (any fsspec URL), used as it is if it holds a completed build, else
+            built there. Default: the cache.
+        size: pixel size the shards are written at.
+        **kwargs: the loader's settings, as `WebDataModule` takes them.
+    """
+
+    def __init__(self, mapper: Callable[[dict], dict], root: str | None = None, size: int = 28, **kwargs):
+        self.root, self.size = root or cache_dir(f"fashion-mnist-{size}"), size
+        super().__init__(train_urls=f"{self.root}/train/*.tar", val_urls=f"{self.root}/test/*.tar",
+                         mapper=mapper, **kwargs)
+
+    def prepare_data(self) -> None:
+        from kiln.datamodules.builders import write_fashion_mnist_shards
+        from kiln.datamodules.shards import read_manifest
+
+        manifest = read_manifest(self.root)
+        if manifest.get("builder") != "fashion-mnist" or manifest.get("limit") is not None:
+            write_fashion_mnist_shards(self.root, size=self.size)

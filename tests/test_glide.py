@@ -1,0 +1,158 @@
+"""GLIDE: the text encoder conditions the U-Net as the paper does, guidance and seeds behave,
+the paper-size configs have the paper's parameter counts, and a short run on digits learns to
+draw the digit its caption names (the full Fashion-MNIST check is tests/test_glide_learning.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import REPO, kiln
+from kiln.modules.clip.tokenizer import PAD, ByteTokenizer
+from kiln.modules.glide.lit_module import GLIDEModule
+from kiln.trainers.plan import plan
+
+TINY = dict(image_size=8, channels=1, text={"context_length": 24, "width": 32, "layers": 1, "heads": 2},
+            unet={"channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
+                  "head_channels": 16}, sample_steps=5)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _trained_a_little(module: GLIDEModule) -> GLIDEModule:
+    """Zero-initialised output layers make an untrained U-Net ignore its conditioning: perturb."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return module.eval()
+
+
+def test_text_reaches_the_unet_and_padding_does_not():
+    module = _trained_a_little(GLIDEModule(**TINY))
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])
+    a = module.model(x, t, module.tokenize(["a handwritten digit 3"] * 2))
+    b = module.model(x, t, module.tokenize(["a handwritten digit 7"] * 2))
+    assert not torch.allclose(a, b)
+    # The same caption with no padding at all (23 tokens) and with padding (24): the same output.
+    unpadded = ByteTokenizer(23)(["a handwritten digit 3"] * 2)
+    assert (unpadded != PAD).all() and torch.allclose(module.model(x, t, unpadded), a, atol=1e-5)
+    assert a.shape == (2, 2, 8, 8)  # learned variance: mean and variance channels
+
+
+def test_guidance_seeds_and_deterministic_ddim():
+    module = _trained_a_little(GLIDEModule(**TINY))
+    one = module.generate(num=2, seed=3, prompts=["a handwritten digit 3"], sampler="ddim", guidance_scale=3.0)
+    again = module.generate(num=2, seed=3, prompts=["a handwritten digit 3"], sampler="ddim", guidance_scale=3.0)
+    assert one.shape == (2, 1, 8, 8) and torch.equal(one, again)  # DDIM, eta 0: noise fixes the sample
+    assert not torch.equal(one[0], one[1])  # each image its own noise
+    other = module.generate(num=2, seed=4, prompts=["a handwritten digit 3"], sampler="ddim", guidance_scale=3.0)
+    unguided = module.generate(num=2, seed=3, prompts=["a handwritten digit 3"], sampler="ddim", guidance_scale=1.0)
+    assert not torch.equal(one, other) and not torch.equal(one, unguided)
+    # generate_for_eval: sample i depends on (seed, i) only, whatever batch it is drawn in
+    module.hparams.eval_prompts = [f"a handwritten digit {d}" for d in range(10)]
+    images, labels = module.generate_for_eval([0, 1, 2, 13], seed=5)
+    alone, label = module.generate_for_eval([13], seed=5)
+    assert labels.tolist() == [0, 1, 2, 3] and label.tolist() == [3]
+    assert torch.allclose(images[3], alone[0], atol=1e-5)
+
+
+def test_upsampler_takes_the_low_resolution_image():
+    module = _trained_a_little(GLIDEModule(**{**TINY, "stage": "upsampler", "image_size": 8, "low_res_size": 4}))
+    low = torch.rand(2, 1, 4, 4) * 2 - 1
+    out = module.generate(num=1, seed=0, prompts=["a", "b"], inputs=low)
+    assert out.shape == (2, 1, 8, 8)
+    real, out, bicubic = module.super_resolution(torch.rand(2, 3, 8, 8) * 2 - 1, ["a", "b"])
+    assert real.shape == out.shape == bicubic.shape == (2, 1, 8, 8)
+    assert torch.equal(bicubic, module.upsampled(module.low_res(real)))
+    with pytest.raises(ValueError, match="names no base_ckpt"):
+        module.generate(num=1, seed=0, prompts=["a"])
+    with pytest.raises(ValueError, match="needs low_res_size below image_size"):
+        GLIDEModule(**{**TINY, "stage": "upsampler"})
+
+
+# Nichol et al. 2022, section 4.1 (PAPER-SIZES.md): base 3.5B (U-Net ~2.3B + text ~1.2B), upsampler 1.5B.
+@pytest.mark.parametrize("config,total", [("paper-base", 3.5e9), ("paper-upsampler", 1.5e9)])
+def test_paper_sizes(config, total):
+    result = plan([f"configs/glide/{config}.yaml"], nodes=1, gpus_per_node=8)
+    assert result["parameters"] == pytest.approx(total, rel=0.05)
+    if config == "paper-base":
+        assert result["components"]["unet"] == pytest.approx(2.3e9, rel=0.05)
+
+
+DIGITS_CONFIG = """\
+model:
+  class_path: kiln.modules.glide.lit_module.GLIDEModule
+  init_args:
+    image_size: 8
+    channels: 1
+    text: {{context_length: 24, width: 48, layers: 1, heads: 4}}
+    unet: {{channels: 32, channel_mult: [1, 2], num_res_blocks: 1, attention_levels: [1], head_channels: 32}}
+    lr: 2.0e-3
+    warmup_steps: 50
+    sample_steps: 25
+    guidance_scale: 3.0
+    grid_prompts: ["a handwritten digit 0", "a handwritten digit 1", "a handwritten digit 2"]
+    eval_prompts: [{prompts}]
+data:
+  class_path: kiln.datamodules.webdataset.WebDataModule
+  init_args:
+    train_urls: {digits}/train/*.tar
+    val_urls: {digits}/test/*.tar
+    mapper: {{class_path: kiln.datamodules.mappers.ImageText, init_args: {{image_size: 8}}}}
+    batch_size: 64
+    num_workers: 0
+trainer:
+  accelerator: cpu
+  max_steps: {steps}
+  limit_val_batches: 0
+  enable_progress_bar: false
+  callbacks:
+    - class_path: kiln.trainers.ema.EMA
+      init_args: {{decay: 0.995}}
+wandb:
+  mode: disabled
+samples:
+  every_n_train_steps: 100000
+"""
+
+
+@pytest.mark.slow
+def test_short_run_on_digits_draws_the_named_digit(tmp_path):
+    """The in-suite learning check: a minute of training on the 1,497 training digits, then
+    `kiln eval` (judge accuracy of guided samples, FID on the judge's features vs untrained) and
+    `kiln sample` from the checkpoint."""
+    from kiln.datamodules.builders import write_digits_shards
+
+    digits = tmp_path / "digits"
+    write_digits_shards(str(digits), shard_size=128, progress=False)
+    prompts = ", ".join(f'"a handwritten digit {d}"' for d in range(10))
+    config = tmp_path / "glide-digits.yaml"
+    config.write_text(DIGITS_CONFIG.format(digits=digits, prompts=prompts, steps=300))
+    run = tmp_path / "run"
+    r = kiln("fit", "-c", str(config), "--run_dir", str(run), env={"PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list((run / "samples").glob("grid-step*.png"))
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    out = tmp_path / "m.json"
+    r = kiln("eval", "--ckpt", ckpt, "--extractor", "judge-digits", "--judge", "digits", "--num-samples", "300",
+             "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads(out.read_text())
+    print(json.dumps(m, indent=1))
+    assert m["judge/accuracy"] >= 0.6 and m["judge/accuracy_untrained"] <= 0.25
+    assert m["fid"] < m["fid_untrained"] / 3
+    r = kiln("sample", "--ckpt", ckpt, "--prompt", "a handwritten digit 4", "--num", "3", "--steps", "10",
+             "--sampler", "dpmpp_2m", "--out", str(tmp_path / "samples"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list((tmp_path / "samples").glob("000*-a-handwritten-digit-4.png"))) == 3
+    r = kiln("sample", "--ckpt", ckpt, "--class", "4", "--out", str(tmp_path / "samples"))
+    assert r.returncode != 0 and "does not take --class (it takes: --prompt, --input, --guidance-scale, --steps, " \
+                                 "--sampler)" in r.stderr, r.stderr
