@@ -78,6 +78,27 @@ def test_upsampler_takes_the_low_resolution_image():
         GLIDEModule(**{**TINY, "stage": "upsampler"})
 
 
+def test_upsampler_is_judged_on_real_inputs_beside_bicubic(tmp_path):
+    """An upsampler without a base checkpoint: `evaluate_generative` feeds it the held-out images
+    brought down to its input size and scores its output and bicubic upsampling side by side."""
+    from kiln.datamodules.builders import write_digits_shards
+    from kiln.datamodules.mappers import ImageText
+    from kiln.datamodules.webdataset import WebDataModule
+    from kiln.trainers.evaluate import evaluate_generative
+
+    write_digits_shards(str(tmp_path), shard_size=128, progress=False)
+    data = WebDataModule(f"{tmp_path}/train/*.tar", ImageText(image_size=8), val_urls=f"{tmp_path}/test/*.tar",
+                         batch_size=16, num_workers=0)
+    module = _trained_a_little(GLIDEModule(**{**TINY, "stage": "upsampler", "image_size": 8, "low_res_size": 4}))
+    [m] = evaluate_generative([module], data, ["l1", "fid", "kid"], extractor="judge-digits", num_samples=32,
+                              batch_size=16)
+    assert set(m) == {"heldout/images", "l1", "l1_baseline", "fid", "fid_baseline", "kid", "kid_baseline"}, m
+    assert m["heldout/images"] == 32 and all(v == v and v >= 0 for v in m.values())
+    base = _trained_a_little(GLIDEModule(**TINY))
+    with pytest.raises(ValueError, match="l1 is for upsamplers"):
+        evaluate_generative([base], data, ["l1"], extractor="judge-digits", num_samples=16, batch_size=16)
+
+
 # Nichol et al. 2022, section 4.1 (PAPER-SIZES.md): base 3.5B (U-Net ~2.3B + text ~1.2B), upsampler 1.5B.
 @pytest.mark.parametrize("config,total", [("paper-base", 3.5e9), ("paper-upsampler", 1.5e9)])
 def test_paper_sizes(config, total):

@@ -79,6 +79,8 @@ def evaluate_generative(models: list, data: L.LightningDataModule, metrics: list
 
     results = []
     for model in models:
+        if "l1" in metrics and not upsamples(model):
+            raise ValueError(f"l1 is for upsamplers: this '{getattr(model, 'family', '?')}' model does not upsample")
         model.eval()
         fake: dict[str, list] = {}
         # An upsampler without its base has nothing to generate from: it is judged on real inputs.
@@ -112,85 +114,6 @@ def evaluate_generative(models: list, data: L.LightningDataModule, metrics: list
                 result[f"{prefix}judge/real_accuracy"] = float(judge_net.accuracy)
         if upsamples(model) and ("l1" in metrics or not generated):
             result |= super_resolution_scores(model, real_images, captions, metrics, net, seed, batch_size)
-        results.append(result)
-    return results
-
-
-@torch.no_grad()
-def evaluate_generative(models: list, data: L.LightningDataModule, metrics: list[str], extractor: str = "efficientnet-lite0",
-                        extractor_weights: str | None = None, judge: str | None = None, num_samples: int = 1000,
-                        seed: int = 0, batch_size: int = 100) -> list[dict[str, float]]:
-    """Generated samples of each model against up to `num_samples` held-out real images: FID/KID
-    and precision/recall on `extractor`'s features, judge accuracy and inception score on the
-    judge's logits, each for every stage of a cascade (`<stage>/fid`, ...), and for an upsampler
-    the L1 of its output and of bicubic upsampling to the real images (`l1`, `l1_baseline`).
-    Sample i depends on (seed, i) only, as in the training-time GenerativeEval."""
-    from kiln.modules.eval.extractors import build_extractor
-    from kiln.modules.eval.judge import get_judge
-    from kiln.modules.eval.metrics import FidKid, inception_score, precision_recall
-    from kiln.trainers.judging import resize_like, stages
-
-    net = build_extractor(extractor, extractor_weights)
-    judge_net = get_judge(judge) if judge else None
-    if judge_net is None and {"judge", "is"} & set(metrics):
-        raise ValueError("judge accuracy and inception score need a judge: --judge DATA_SET (e.g. fashion-mnist)")
-    real_images, captions = [], []
-    for batch in data.val_dataloader():
-        batch = data.on_after_batch_transfer(data.on_before_batch_transfer(batch, 0), 0)
-        real_images.append(batch["image"])
-        captions += list(batch.get("caption", [""] * len(batch["image"])))
-        if sum(len(r) for r in real_images) >= num_samples:
-            break
-    real_images, captions = torch.cat(real_images)[:num_samples], captions[:num_samples]
-    real_features: dict[tuple, torch.Tensor] = {}  # per stage shape
-
-    def real(shape: tuple) -> torch.Tensor:
-        if shape not in real_features:
-            real_features[shape] = torch.cat([net(resize_like(real_images[i:i + batch_size], shape))
-                                              for i in range(0, len(real_images), batch_size)])
-        return real_features[shape]
-
-    results = []
-    for model in models:
-        model.eval()
-        fake: dict[str, list] = {}
-        # An upsampler without its base has nothing to generate from: it is judged on real inputs.
-        cascade = not upsamples(model) or bool(model.hparams.get("base_ckpt"))
-        generated = cascade and set(metrics) & {"fid", "kid", "precision_recall", "judge", "is"}
-        for i in range(0, num_samples if generated else 0, batch_size):
-            out = model.generate_for_eval(list(range(i, min(i + batch_size, num_samples))), seed)
-            for stage, (images, y) in stages(out).items():
-                fake.setdefault(stage, []).append((images.shape[1:], net(images),
-                                                   judge_net.logits(images) if judge_net is not None else None, y))
-        result: dict[str, float] = {"heldout/images": float(len(real_images))}
-        for stage, parts in fake.items():
-            prefix = f"{stage}/" if stage else ""
-            features = torch.cat([p[1] for p in parts])
-            result[f"{prefix}samples"] = float(len(features))
-            reference = real(tuple(parts[0][0]))
-            if {"fid", "kid"} & set(metrics):
-                scores = FidKid(net)
-                scores.update_features(reference, real=True)
-                scores.update_features(features, real=False)
-                result |= {f"{prefix}{k}": v for k, v in scores.compute().items() if k in metrics}
-            if "precision_recall" in metrics:
-                result |= {f"{prefix}{k}": v for k, v in precision_recall(reference, features).items()}
-            if judge_net is not None:
-                logits = torch.cat([p[2] for p in parts])
-                if "judge" in metrics and parts[0][3] is not None:
-                    labels = torch.cat([p[3] for p in parts])
-                    result[f"{prefix}judge/accuracy"] = (logits.argmax(1) == labels).double().mean().item()
-                if "is" in metrics:
-                    result[f"{prefix}is"], result[f"{prefix}is_std"] = inception_score(logits)
-                result[f"{prefix}judge/real_accuracy"] = float(judge_net.accuracy)
-        if "l1" in metrics:
-            if not upsamples(model):
-                raise ValueError(f"l1 is for upsamplers: this '{getattr(model, 'family', '?')}' model does not upsample")
-            parts = [model.super_resolution(real_images[i:i + batch_size], captions[i:i + batch_size], seed)
-                     for i in range(0, len(real_images), batch_size)]
-            weights = [min(batch_size, len(real_images) - i) for i in range(0, len(real_images), batch_size)]
-            for key in ("l1", "l1_baseline"):
-                result[key] = sum(p[key] * w for p, w in zip(parts, weights)) / sum(weights)
         results.append(result)
     return results
 
@@ -245,9 +168,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--guidance-scale", type=float, help="sampling override (families with guidance)")
     parser.add_argument("--sampler", help="sampling override, e.g. ddim, ddpm, dpmpp_2m")
     parser.add_argument("--steps", type=int, help="sampling override: sampler steps")
+    parser.add_argument("--truncation", type=float, help="sampling override: GAN truncation threshold")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("guidance_scale", args.guidance_scale), ("sampler", args.sampler),
-                                   ("sample_steps", args.steps)) if v is not None}
+                                   ("sample_steps", args.steps), ("truncation", args.truncation)) if v is not None}
 
     ckpt = load_checkpoint(args.ckpt)
     family = family_of(ckpt)
