@@ -266,6 +266,7 @@ SAMPLER_CASES = [
     ("ddim", 50, {}, 0.12),
     ("ddim", 50, {"eta": 1.0}, 0.16),
     ("dpmpp_2m", 20, {}, 0.12),
+    ("dpmpp_2m_sde", 20, {}, 0.12),
 ]
 
 
@@ -308,7 +309,7 @@ def test_ddpm_variance_channels_at_the_ends_equal_the_fixed_variances(variance):
     assert torch.allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "dpmpp_2m_sde"])
 def test_samplers_read_only_the_first_c_channels(sampler):
     d = GaussianDiffusion(1000, "cosine", "v", learned_variance=True)
     oracle, noise = gaussian_oracle(d), torch.randn(4, 2, 4, 4)
@@ -317,8 +318,8 @@ def test_samplers_read_only_the_first_c_channels(sampler):
         out = oracle(x, t)
         return torch.cat([out, 100 * torch.ones_like(out)], dim=1)
 
-    a = d.sample(oracle, noise.shape, sampler=sampler, steps=10, noise=noise)
-    b = d.sample(with_junk, noise.shape, sampler=sampler, steps=10, noise=noise)
+    a, b = (d.sample(fn, noise.shape, sampler=sampler, steps=10, noise=noise, generator=torch.Generator().manual_seed(0))
+            for fn in (oracle, with_junk))
     assert torch.equal(a, b)
 
 
@@ -348,7 +349,7 @@ def test_model_sees_the_original_timesteps():
         assert (t == t[0]).all() and t.dtype == torch.long
         return torch.zeros_like(x)
 
-    for sampler in ("ddpm", "ddim", "dpmpp_2m"):
+    for sampler in ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde"):
         seen.clear()
         d.sample(model_fn, (2, 1, 2, 2), sampler=sampler, steps=10)
         assert seen == timestep_respacing(1000, 10).flip(0).tolist()
@@ -372,7 +373,7 @@ def test_ddim_determinism():
 def test_clipping_and_dynamic_thresholding_in_samplers():
     d = GaussianDiffusion(100, "cosine", "x0")
     blown_up = lambda x, t: 3 * torch.randn_like(x)  # noqa: E731
-    for sampler in ("ddpm", "ddim", "dpmpp_2m"):
+    for sampler in ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde"):
         x = d.sample(blown_up, (4, 3, 8, 8), sampler=sampler, steps=10)
         assert x.abs().max().item() <= 1.0
         x = d.sample(blown_up, (4, 3, 8, 8), sampler=sampler, steps=10, clip_denoised=False, dynamic_threshold=0.9)
@@ -468,7 +469,7 @@ def test_guided_sampling_runs_end_to_end():
     d = GaussianDiffusion(100, "cosine", "eps", learned_variance=True)
     model = CountingModel()
     fn = classifier_free_guidance(lambda x, t, c: 0.01 * model(x, t, c), torch.ones(2), torch.zeros(2), 3.0)
-    for sampler in ("ddpm", "ddim", "dpmpp_2m"):
+    for sampler in ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde"):
         x = d.sample(fn, (2, 2, 4, 4), sampler=sampler, steps=5)
         assert torch.isfinite(x).all()
 

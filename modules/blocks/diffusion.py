@@ -27,7 +27,7 @@ ModelFn = Callable[[Tensor, Tensor], Tensor]
 SCHEDULES = ("linear", "cosine")
 PARAMETERIZATIONS = ("eps", "x0", "v")
 LOSS_WEIGHTINGS = ("none", "min_snr", "snr_trunc")
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
 
 __all__ = [
     "GaussianDiffusion", "beta_schedule", "schedule_terms", "timestep_respacing",
@@ -345,6 +345,10 @@ class GaussianDiffusion(nn.Module):
         order except for the first step (no history yet) and the last ones: the step into t = 0
         (with evenly spaced t its log-SNR gap dwarfs the previous one, and extrapolating across
         it overshoots) and the final one from t = 0 to the clean data, whose log-SNR is infinite.
+        "dpmpp_2m_sde": the stochastic DPM-Solver++(2M) (Lu et al. 2022, the SDE variant, midpoint
+        form): the same extrapolated x0, a contraction of e^{-2h} instead of e^{-h}, and fresh
+        noise of variance sigma'^2 (1 - e^{-2h}); in first order it is the DDPM posterior step.
+        The noise corrects errors of an imperfect model that an ODE solver carries to the end.
         Every sampler ends by returning the x0 prediction at t = 0 and reads only the first C
         output channels for the mean. `dynamic_threshold` (a percentile such as 0.995)
         replaces the static [-1, 1] clip of `clip_denoised` when set.
@@ -394,7 +398,8 @@ class GaussianDiffusion(nn.Module):
                 continue
             # dpmpp_2m in alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log(alpha / sigma):
             # x <- (sigma' / sigma) x - alpha' (e^-h - 1) D, with D the x0 prediction or, in
-            # second order, its linear extrapolation from the previous step in lambda.
+            # second order, its linear extrapolation from the previous step in lambda. The SDE
+            # form: x <- (sigma' / sigma) e^-h x - alpha' (e^-2h - 1) D + sigma' sqrt(1 - e^-2h) z.
             lam = 0.5 * (abar.log() - (1 - abar).log())
             lam_next = 0.5 * (abar_prev.log() - (1 - abar_prev).log())
             h = lam_next - lam
@@ -402,7 +407,12 @@ class GaussianDiffusion(nn.Module):
             if x0_prev is not None and i > 1:
                 r = (lam - lam_prev) / h
                 d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            x = ((1 - abar_prev) / (1 - abar)).sqrt() * x - abar_prev.sqrt() * torch.expm1(-h) * d
+            sigma_ratio = ((1 - abar_prev) / (1 - abar)).sqrt()
+            if sampler == "dpmpp_2m":
+                x = sigma_ratio * x - abar_prev.sqrt() * torch.expm1(-h) * d
+            else:
+                x = (sigma_ratio * torch.exp(-h) * x - abar_prev.sqrt() * torch.expm1(-2 * h) * d
+                     + (1 - abar_prev).sqrt() * (-torch.expm1(-2 * h)).sqrt() * _randn(x.shape, generator, device))
             x0_prev, lam_prev = x0, lam
         return x
 
