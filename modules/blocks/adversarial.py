@@ -17,7 +17,9 @@ One iteration (one batch) is: `d_steps` x (Dmain, Dreg when due), then Gmain, Gr
 step counts as a Lightning step, so `trainer.global_step` (max_steps, checkpoints, EMA) counts
 iterations whatever the number of phases. The EMA of G is the usual `kiln.trainers.ema.EMA`
 callback (`ema_target = "generator"`). Every image the discriminator sees goes through
-`self.augment` (identity here: the place for differentiable augmentation, ADA).
+`self.augment`: the identity unless a family sets a `kiln.modules.blocks.ada.AdaptiveAugment`
+there, whose probability p the Dmain phases steer from D's outputs on real images (summed over
+ranks every `interval` iterations) and which is logged as `train/ada_p`.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kiln.modules.blocks.ada import AdaptiveAugment
 
 GanLoss = Literal["hinge", "non_saturating"]
 
@@ -137,7 +141,7 @@ class AdversarialModule(L.LightningModule):
         self.gan_loss, self.lr_g, self.lr_d, self.eps = loss, lr_g, lr_d, eps
         self.betas_g, self.betas_d = tuple(betas_g), tuple(betas_d)
         self.r1_gamma, self.d_reg_interval, self.g_reg_interval, self.d_steps = r1_gamma, d_reg_interval, g_reg_interval, d_steps
-        self.augment: nn.Module = nn.Identity()  # differentiable augmentation (ADA) goes here
+        self.augment: nn.Module = nn.Identity()  # a family may set an AdaptiveAugment (ADA)
 
     # -- the networks ----------------------------------------------------------------------------
     @property
@@ -196,6 +200,8 @@ class AdversarialModule(L.LightningModule):
         real_logits, fake_logits = self.discriminate(torch.cat([real, fake]), both).split([len(real), len(fake)])
         out = {"loss": discriminator_loss(real_logits, fake_logits, self.gan_loss),
                "real_logits": real_logits.detach().mean(), "fake_logits": fake_logits.detach().mean()}
+        if isinstance(self.augment, AdaptiveAugment):
+            self.augment.observe(real_logits.detach())
         if self.r1_gamma > 0 and self.d_reg_interval is None:
             out["r1"] = self.r1(batch)["loss"]
             out["loss"] = out["loss"] + out["r1"]
@@ -243,6 +249,16 @@ class AdversarialModule(L.LightningModule):
                 self.untoggle_optimizer(optimizer)
             for name, value in out.items():
                 self.log(f"train/{phase.name}/{name}", value.detach(), prog_bar=name == "loss")
+        if isinstance(self.augment, AdaptiveAugment):
+            self.adapt_augmentation(iteration)
+
+    def adapt_augmentation(self, iteration: int) -> None:
+        """ADA's controller: every `interval` iterations, r_t over all ranks' real images moves p."""
+        ada = self.augment
+        if (iteration + 1) % ada.interval == 0:
+            signs = self.trainer.strategy.reduce(ada.signs.clone(), reduce_op="sum")
+            self.log("train/ada_rt", ada.adjust(signs))
+        self.log("train/ada_p", ada.p.item(), prog_bar=True)
 
     def step(self, optimizer, counted: bool) -> None:
         """Step through the strategy's precision plugin; only counted steps advance global_step."""
