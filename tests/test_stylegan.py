@@ -1,0 +1,340 @@
+"""StyleGAN2-ADA: the paper's parts (modulation/demodulation keeping unit variance, equalised
+learning rate, noise inputs with per-channel strengths, style mixing, truncation towards w_avg,
+the path-length value against an explicit Jacobian, the projector), config-f's parameter counts,
+and `kiln fit` / `sample` (seed, truncation, projection) / `eval` end to end on digits, plus a
+short in-suite learning check (the full Fashion-MNIST check is tests/test_stylegan_learning.py)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import kiln
+from kiln.modules.stylegan.lit_module import StyleGAN2Module, noise_regulariser
+from kiln.modules.stylegan.networks import EqualLinear, Generator, SynthesisLayer, minibatch_stddev, modulated_conv2d
+from kiln.trainers.plan import plan
+
+TINY = dict(image_size=16, channels=1, z_dim=32, w_dim=32, mapping_layers=2, channel_base=256, channel_max=32,
+            r1_gamma=0.05, grid_size=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _module(**overrides) -> StyleGAN2Module:
+    torch.manual_seed(0)
+    return StyleGAN2Module(**{**TINY, **overrides})
+
+
+def test_demodulation_keeps_unit_output_variance():
+    torch.manual_seed(0)
+    x = torch.randn(8, 64, 16, 16)
+    weight = torch.randn(32, 64, 3, 3)
+    styles = torch.exp(torch.randn(8, 64))  # styles over orders of magnitude
+    out = modulated_conv2d(x, weight, styles)
+    assert out[:, :, 1:-1, 1:-1].std().item() == pytest.approx(1.0, abs=0.05)  # interior: no zero padding
+    plain = modulated_conv2d(x, weight, styles, demodulate=False)
+    assert plain.std() > 5  # without demodulation the styles' scale shows through
+    # the grouped convolution equals one convolution per sample with its own modulated weights
+    for i in (0, 5):
+        w = weight * styles[i][None, :, None, None]
+        w = w / w.square().sum(dim=(1, 2, 3), keepdim=True).add(1e-8).sqrt()
+        assert torch.allclose(out[i], torch.nn.functional.conv2d(x[i:i + 1], w, padding=1)[0], atol=1e-4)
+
+
+def test_equalised_learning_rate_scales_weights_at_run_time():
+    torch.manual_seed(0)
+    layer = EqualLinear(256, 256, lr_mul=0.01)
+    assert layer.weight.std().item() == pytest.approx(100, rel=0.05)  # stored N(0, 1) / lr_mul
+    x = torch.randn(4096, 256)
+    assert layer(x).std().item() == pytest.approx(1.0, rel=0.05)  # used: times lr_mul / sqrt(fan_in)
+    # a gradient step of size lr on the stored weight moves the used weight by lr * lr_mul / sqrt(fan_in)
+    layer(x).sum().backward()
+    used_grad = layer.weight.grad / layer.weight_gain  # d loss / d (used weight)
+    assert torch.allclose(layer.weight.grad, used_grad * 0.01 / 16, rtol=1e-5)
+    mapping = Generator(16, 1, 32, 32, 8, 0.01, 256, 32).mapping
+    assert all(l.lr_mul == 0.01 for l in mapping.layers) and len(mapping.layers) == 8
+
+
+def test_noise_inputs_with_per_channel_strengths():
+    torch.manual_seed(0)
+    layer = SynthesisLayer(8, 4, 16, resolution=8)
+    x, w = torch.randn(2, 8, 8, 8), torch.randn(2, 16)
+    assert torch.equal(layer(x, w, "random"), layer(x, w, "none"))  # strengths start at 0
+    with torch.no_grad():
+        layer.noise_strength.copy_(torch.tensor([0.0, 0.5, 0.0, 2.0]))
+    a, b = layer(x, w, "random"), layer(x, w, "random")
+    assert torch.equal(a[:, [0, 2]], b[:, [0, 2]]) and not torch.allclose(a[:, [1, 3]], b[:, [1, 3]])
+    assert torch.equal(layer(x, w, "const"), layer(x, w, "const"))
+    noise = torch.randn(2, 1, 8, 8)
+    expected = torch.nn.functional.leaky_relu(
+        modulated_conv2d(x, layer.weight * layer.weight_gain, layer.affine(w)) + noise * layer.noise_strength[None, :, None, None]
+        + layer.bias[None, :, None, None], 0.2) * math.sqrt(2)
+    assert torch.allclose(layer(x, w, noise), expected, atol=1e-6)
+    G = _module().generator
+    assert len(G.noise_layers()) == 5  # 4 px: one conv; 8 and 16 px: two each
+    with pytest.raises(ValueError, match="unknown noise mode 'fresh'"):
+        layer(x, w, "fresh")
+
+
+def test_style_mixing_swaps_the_layers_after_a_cutoff():
+    module = _module(style_mixing=1.0)
+    ws = module.generator.mapping_ws(torch.randn(3, 32))
+    torch.manual_seed(1)
+    mixed = module.mix(ws)
+    cutoff = next(i for i in range(ws.shape[1]) if not torch.equal(mixed[:, i], ws[:, i]))
+    assert 1 <= cutoff < ws.shape[1] and torch.equal(mixed[:, :cutoff], ws[:, :cutoff])
+    assert torch.equal(mixed[:, cutoff:], mixed[:, -1:].expand(-1, ws.shape[1] - cutoff, -1))  # one other w
+    assert torch.equal(_module(style_mixing=0.0).mix(ws), ws)
+    cutoffs = set()
+    for s in range(30):
+        torch.manual_seed(s)
+        m = module.mix(ws)
+        cutoffs.add(next(i for i in range(ws.shape[1]) if not torch.equal(m[:, i], ws[:, i])))
+    assert cutoffs == set(range(1, ws.shape[1]))  # every cut-off is drawn
+
+
+def test_truncation_pulls_w_towards_w_avg():
+    module = _module()
+    mapping = module.generator.mapping
+    z = torch.randn(64, 32)
+    mapping(z, update_w_avg=True)
+    w = mapping(z)
+    assert torch.allclose(mapping.w_avg, w.mean(0) * (1 - 0.995), atol=1e-6)  # lerp from 0 by 1 - beta
+    half = mapping(z, psi=0.5)
+    assert torch.allclose(half - mapping.w_avg, (w - mapping.w_avg) * 0.5, atol=1e-5)
+    assert torch.allclose(mapping(z, psi=0.0), mapping.w_avg.expand(64, -1))
+    # psi = 0: every seed draws the same image (noise strengths are still 0)
+    images = module.generate(num=3, seed=1, truncation=0.0)
+    assert torch.allclose(images[0], images[1], atol=1e-6) and torch.allclose(images[0], images[2], atol=1e-6)
+    assert not torch.allclose(module.generate(num=2, seed=1, truncation=1.0)[0], images[0])
+    with pytest.raises(ValueError, match="truncation psi must be non-negative"):
+        module.generate(truncation=-1.0)
+
+
+def test_path_length_matches_an_explicit_jacobian():
+    module = _module(style_mixing=0.0, pl_batch_shrink=2)
+    G = module.generator
+    batch = {"image": torch.zeros(6, 1, 16, 16)}
+    torch.manual_seed(3)
+    loss, lengths = module.path_length(batch)
+    # Replay the same draws: z, each layer's noise (no effect: strengths 0), then y.
+    torch.manual_seed(3)
+    z = torch.randn(3, 32)
+    for layer in G.noise_layers():
+        torch.randn(3, 1, layer.resolution, layer.resolution)
+    y = torch.randn(3, 1, 16, 16) / 16
+    ws = G.mapping_ws(z).detach()
+    for i in range(3):
+        J = torch.autograd.functional.jacobian(lambda v: G.synthesis(v[None], "none")[0], ws[i])  # (1, 16, 16, num_ws, w_dim)
+        jty = (J * y[i][..., None, None]).sum(dim=(0, 1, 2))  # J^T y: (num_ws, w_dim)
+        assert lengths[i].item() == pytest.approx(math.sqrt(jty.square().sum().item() / G.num_ws), rel=1e-4)
+    mean = 0.01 * lengths.mean()  # the running mean, from 0 with decay 0.01
+    assert module.pl_mean.item() == pytest.approx(mean.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(2.0 * (lengths - mean).square().mean().item(), rel=1e-5)
+
+
+def test_minibatch_stddev_never_mixes_reals_with_fakes():
+    x = torch.cat([torch.zeros(4, 2, 4, 4), torch.randn(4, 2, 4, 4)])  # 4 identical reals, then 4 fakes
+    out = minibatch_stddev(x, 4)
+    assert out.shape == (8, 3, 4, 4)
+    assert out[:4, 2].abs().max() < 1e-3 and out[4:, 2].min() > 0.1
+
+
+def test_seeds_eval_samples_and_grid():
+    module = _module()
+    one = module.generate(num=2, seed=3)
+    assert one.shape == (2, 1, 16, 16) and torch.equal(one, module.generate(num=2, seed=3))
+    images, labels = module.generate_for_eval([0, 1, 2, 13], seed=5)
+    alone, _ = module.generate_for_eval([13], seed=5)
+    assert labels is None and torch.allclose(images[3], alone[0], atol=1e-6)
+    grid, nrow = module.sample_grid()
+    assert grid.shape == (4, 1, 16, 16) and nrow == 2
+    with pytest.raises(ValueError, match="unknown StyleGAN sampling mode 'edit'"):
+        module.generate(mode="edit")
+    with pytest.raises(ValueError, match="--mode project needs an image to project"):
+        module.generate(mode="project")
+
+
+def test_projection_reconstructs_an_image_of_the_generator():
+    module = _module()
+    with torch.no_grad():  # a generator with noise in use, so the noise maps are optimised too
+        for layer in module.generator.noise_layers():
+            layer.noise_strength.fill_(0.1)
+    target = module.generate(num=1, seed=7)
+    start = module.generator.synthesis(module.generator.mapping.w_avg.expand(1, module.generator.num_ws, -1), "none")
+    recon = module.generate(mode="project", inputs=target, steps=150)
+    before, after = (start - target).square().mean().item(), (recon - target).square().mean().item()
+    assert after < before / 4, (before, after)
+    plus = module.generate(mode="project-w+", inputs=target, steps=150)
+    assert (plus - target).square().mean().item() < before / 4
+    torch.manual_seed(0)
+    noise = [torch.randn(2, 1, 16, 16), torch.randn(2, 1, 8, 8)]
+    smooth = [torch.ones(2, 1, 16, 16), torch.ones(2, 1, 8, 8)]
+    # constant maps: autocorrelation 1 in x and y at 16 and 8 px (first map) and 8 px (second): 6
+    assert torch.allclose(noise_regulariser(smooth), torch.full((2,), 6.0))
+    assert noise_regulariser(noise).max() < 0.2  # white noise: nearly uncorrelated
+
+
+def test_vgg_distance_for_projection():
+    pytest.importorskip("h5py")
+    module = _module(project_distance="vgg")
+    distance = module._distance()
+    a, b = torch.rand(2, 1, 16, 16) * 2 - 1, torch.rand(2, 1, 16, 16) * 2 - 1
+    assert torch.allclose(distance(a, a), torch.zeros(2), atol=1e-6)
+    d = distance(a, b)
+    assert d.shape == (2,) and (d > 0).all()
+
+
+def test_bad_settings_are_one_line_errors():
+    with pytest.raises(ValueError, match="power of two"):
+        _module(image_size=24)
+    with pytest.raises(ValueError, match="unknown augmentation 'bgcx'"):
+        _module(augment="bgcx")
+    with pytest.raises(ValueError, match="style_mixing is a probability"):
+        _module(style_mixing=1.5)
+
+
+# stylegan2-ada-pytorch's config-f at 1024 (PAPER-SIZES.md): G 30.37M (mapping 2.10M), D 29.01M.
+def test_paper_size():
+    result = plan(["configs/stylegan/paper-f-1024.yaml"], nodes=1, gpus_per_node=8)
+    assert result["family"] == "stylegan"
+    assert result["components"]["generator"] == pytest.approx(30.37e6, rel=0.05)
+    assert result["components"]["discriminator"] == pytest.approx(29.01e6, rel=0.05)
+    with torch.device("meta"):
+        mapping = Generator().mapping
+    assert sum(p.numel() for p in mapping.parameters()) == pytest.approx(2.10e6, rel=0.05)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    from kiln.datamodules.builders import write_digits_shards
+
+    root = tmp_path_factory.mktemp("digits")
+    write_digits_shards(str(root), shard_size=128, progress=False)
+    return root
+
+
+DIGITS = """\
+data:
+  class_path: kiln.datamodules.webdataset.WebDataModule
+  init_args:
+    train_urls: {digits}/train/*.tar
+    val_urls: {digits}/test/*.tar
+    mapper: {{class_path: kiln.datamodules.mappers.ImageClass, init_args: {{image_size: 16, num_classes: 10}}}}
+    batch_size: 16
+    num_workers: 0
+wandb:
+  mode: disabled
+trainer:
+  max_steps: {steps}
+  enable_progress_bar: false
+"""
+
+
+def test_fit_sample_project_and_eval_from_the_tiny_config(digits, tmp_path):
+    """configs/stylegan/tiny.yaml (ADA on) with the digits shards as data."""
+    config = tmp_path / "digits.yaml"
+    config.write_text(DIGITS.format(digits=digits, steps=20))
+    run = tmp_path / "run"
+    r = kiln("fit", "-c", "configs/stylegan/tiny.yaml", "-c", str(config), "--run_dir", str(run))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list((run / "samples").glob("grid-step*.png"))
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert {"augment.p", "augment.signs", "pl_mean", "ema.mapping.w_avg"} <= set(state)
+    assert state["pl_mean"] > 0 and state["ema.mapping.w_avg"].abs().sum() > 0
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/ada_p" in m for m in logged) and any("train/Greg/pl_length" in m for m in logged)
+
+    out = tmp_path / "samples"
+    r = kiln("sample", "--ckpt", ckpt, "--num", "3", "--seed", "4", "--truncation", "0.7", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("*.png")) == ["0000-sample.png", "0001-sample.png", "0002-sample.png", "grid.png"]
+    again = tmp_path / "again"
+    assert kiln("sample", "--ckpt", ckpt, "--num", "3", "--seed", "4", "--truncation", "0.7", "--out", str(again)).returncode == 0
+    assert (out / "0001-sample.png").read_bytes() == (again / "0001-sample.png").read_bytes()  # the seed fixes the image
+
+    projected = tmp_path / "projected"
+    r = kiln("sample", "--ckpt", ckpt, "--mode", "project", "--input", str(out / "0000-sample.png"), "--steps", "30",
+             "--out", str(projected))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in projected.glob("*.png")) == ["0000-0000-sample.png", "grid.png"]
+    r = kiln("sample", "--ckpt", ckpt, "--class", "3", "--out", str(projected))
+    assert r.returncode != 0 and "does not take --class" in r.stderr, r.stderr
+
+    m = tmp_path / "m.json"
+    r = kiln("eval", "--ckpt", ckpt, "--extractor", "judge-digits", "--metrics", "fid,kid", "--num-samples", "100",
+             "--out", str(m))
+    assert r.returncode == 0, r.stderr[-3000:]
+    scores = json.loads(m.read_text())
+    assert {"fid", "kid", "fid_untrained", "kid_untrained"} <= set(scores) and scores["extractor"] == "judge-digits"
+
+
+LEARN_DIGITS = """\
+model:
+  class_path: kiln.modules.stylegan.lit_module.StyleGAN2Module
+  init_args:
+    image_size: 8
+    channels: 1
+    z_dim: 32
+    w_dim: 32
+    mapping_layers: 2
+    channel_base: 512
+    channel_max: 64
+    r1_gamma: 0.01
+    lr_g: 0.0025
+    lr_d: 0.0025
+    grid_size: 4
+data:
+  class_path: kiln.datamodules.webdataset.WebDataModule
+  init_args:
+    train_urls: {digits}/train/*.tar
+    val_urls: {digits}/test/*.tar
+    mapper: {{class_path: kiln.datamodules.mappers.ImageClass, init_args: {{image_size: 8, num_classes: 10}}}}
+    batch_size: 32
+    num_workers: 0
+trainer:
+  accelerator: cpu
+  max_steps: {steps}
+  limit_val_batches: 0
+  enable_progress_bar: false
+  callbacks:
+    - class_path: kiln.trainers.ema.EMA
+      init_args: {{decay: 0.99}}
+wandb:
+  mode: disabled
+samples:
+  every_n_train_steps: 100000
+"""
+
+
+@pytest.mark.slow
+def test_short_run_on_digits_learns(digits, tmp_path):
+    """The in-suite learning check: {steps} iterations on the 1,497 training digits at 8 px, then FID
+    and KID of EMA-G samples on the digits judge's features, far below the untrained generator's."""
+    config = tmp_path / "stylegan-digits.yaml"
+    config.write_text(LEARN_DIGITS.format(digits=digits, steps=STEPS))
+    run = tmp_path / "run"
+    r = kiln("fit", "-c", str(config), "--run_dir", str(run))
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = tmp_path / "m.json"
+    r = kiln("eval", "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--extractor", "judge-digits",
+             "--metrics", "fid,kid", "--num-samples", "300", "--out", str(m))
+    assert r.returncode == 0, r.stderr[-3000:]
+    scores = json.loads(m.read_text())
+    print(json.dumps(scores, indent=1, sort_keys=True))
+    assert scores["fid"] < scores["fid_untrained"] / 5, scores
+    assert scores["kid"] < scores["kid_untrained"] / 5, scores
+
+
+STEPS = 400
