@@ -75,11 +75,22 @@ class EqualConv2d(nn.Module):
         return lrelu(x) if self.activate else x
 
 
-def modulated_conv2d(x: Tensor, weight: Tensor, styles: Tensor, demodulate: bool = True) -> Tensor:
-    """Section 2.2: w'_ijk = s_i w_ijk, then (demodulate) w''_ijk = w'_ijk / sqrt(sum_ik w'_ijk^2 + eps),
-    run as one grouped convolution with a group per sample. x (N, I, H, W), weight (O, I, k, k), styles (N, I)."""
+def modulated_conv2d(x: Tensor, weight: Tensor, styles: Tensor, demodulate: bool = True, grouped: bool = True) -> Tensor:
+    """Section 2.2: w'_ijk = s_i w_ijk, then (demodulate) w''_ijk = w'_ijk / sqrt(sum_ik w'_ijk^2 + eps).
+    x (N, I, H, W), weight (O, I, k, k), styles (N, I).
+
+    grouped: one grouped convolution with a group per sample and its own modulated weights (the
+    paper's implementation). Otherwise the same function as a plain batched convolution of the
+    input scaled by the styles, its output scaled by the demodulation coefficients, which is
+    several times faster to train on CPUs (the paper's code also trains this way)."""
     n, cin, h, w = x.shape
     cout, _, kh, kw = weight.shape
+    if not grouped:
+        out = F.conv2d(x * styles[:, :, None, None], weight, padding=kh // 2)
+        if demodulate:
+            d = torch.rsqrt((weight[None] * styles[:, None, :, None, None]).square().sum(dim=(2, 3, 4)) + 1e-8)
+            out = out * d[:, :, None, None]
+        return out
     weight = weight[None] * styles[:, None, :, None, None]  # (N, O, I, k, k)
     if demodulate:
         weight = weight * torch.rsqrt(weight.square().sum(dim=(2, 3, 4), keepdim=True) + 1e-8)
@@ -103,7 +114,7 @@ class SynthesisLayer(nn.Module):
         """`noise`: "random" (fresh per call), "const" (this layer's fixed map), "none", or a (N, 1, H, W) tensor."""
         if self.up:
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        x = modulated_conv2d(x, self.weight * self.weight_gain, self.affine(w))
+        x = modulated_conv2d(x, self.weight * self.weight_gain, self.affine(w), grouped=not self.training)
         if isinstance(noise, Tensor):
             x = x + noise * self.noise_strength[None, :, None, None]
         elif noise == "random":
@@ -126,7 +137,8 @@ class ToRGB(nn.Module):
         self.weight_gain = 1 / math.sqrt(cin)
 
     def forward(self, x: Tensor, w: Tensor) -> Tensor:
-        return modulated_conv2d(x, self.weight, self.affine(w) * self.weight_gain, demodulate=False) + self.bias[None, :, None, None]
+        styles = self.affine(w) * self.weight_gain
+        return modulated_conv2d(x, self.weight, styles, demodulate=False, grouped=not self.training) + self.bias[None, :, None, None]
 
 
 class SynthesisBlock(nn.Module):
