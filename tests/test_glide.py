@@ -99,6 +99,26 @@ def test_upsampler_is_judged_on_real_inputs_beside_bicubic(tmp_path):
         evaluate_generative([base], data, ["l1"], extractor="judge-digits", num_samples=16, batch_size=16)
 
 
+def test_upsampler_without_a_base_trains_past_the_sample_grid(tmp_path):
+    """The upsampler alone has nothing to draw a grid from (`sample_grid()` is None): the
+    SampleGrid callback skips it instead of ending the run (it once did, at step 500)."""
+    import lightning as L
+
+    from kiln.datamodules.builders import write_digits_shards
+    from kiln.datamodules.mappers import ImageText
+    from kiln.datamodules.webdataset import WebDataModule
+    from kiln.trainers.samples import SampleGrid
+
+    write_digits_shards(str(tmp_path), shard_size=128, progress=False)
+    data = WebDataModule(f"{tmp_path}/train/*.tar", ImageText(image_size=8), batch_size=8, num_workers=0)
+    module = GLIDEModule(**{**TINY, "stage": "upsampler", "image_size": 8, "low_res_size": 4, "warmup_steps": 1})
+    trainer = L.Trainer(max_steps=2, callbacks=[SampleGrid(str(tmp_path / "run"), every_n_steps=1)], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, accelerator="cpu", default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    assert trainer.global_step == 2 and not (tmp_path / "run" / "samples").exists()
+
+
 # Nichol et al. 2022, section 4.1 (PAPER-SIZES.md): base 3.5B (U-Net ~2.3B + text ~1.2B), upsampler 1.5B.
 @pytest.mark.parametrize("config,total", [("paper-base", 3.5e9), ("paper-upsampler", 1.5e9)])
 def test_paper_sizes(config, total):

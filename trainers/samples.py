@@ -39,7 +39,8 @@ def save_grid(images: torch.Tensor, url: str, nrow: int | None = None) -> None:
 
 class SampleGrid(L.Callback):
     """Every `every_n_steps` (and at the end), rank 0 asks the family for its grid
-    (`pl_module.sample_grid()`: fixed conditions, fixed noise, EMA weights) and saves it."""
+    (`pl_module.sample_grid()`: fixed conditions, fixed noise, EMA weights) and saves it. A family
+    with nothing to draw from (GLIDE's upsampler without a base model) returns None."""
 
     def __init__(self, run_dir: str, every_n_steps: int = 500, name: str = "grid"):
         self.run_dir, self.every_n_steps, self.name = run_dir.rstrip("/"), every_n_steps, name
@@ -47,9 +48,10 @@ class SampleGrid(L.Callback):
     def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not hasattr(pl_module, "sample_grid"):
             return
-        images, nrow = pl_module.sample_grid()  # every rank: sampling may need collectives (FSDP2, ZeRO-3)
-        if not trainer.is_global_zero:
+        grid = pl_module.sample_grid()  # every rank: sampling may need collectives (FSDP2, ZeRO-3)
+        if grid is None or not trainer.is_global_zero:
             return
+        images, nrow = grid
         step = trainer.global_step
         save_grid(images, f"{self.run_dir}/samples/{self.name}-step{step:07d}.png", nrow)
         for logger in trainer.loggers:
