@@ -337,5 +337,5 @@ def test_short_run_on_digits_learns(digits, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     scores = json.loads(m.read_text())
     print(json.dumps(scores, indent=1, sort_keys=True))
-    assert scores["fid"] < scores["fid_untrained"] / 3.5, scores  # seen: 14.1 and 16.4 vs 67.0
+    assert scores["fid"] < scores["fid_untrained"] / 3, scores  # seen: 14.1 and 16.4 vs 67.0
     assert scores["kid"] < scores["kid_untrained"] / 8, scores  # seen: 0.13 and 0.18 vs 2.26
