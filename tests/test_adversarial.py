@@ -1,4 +1,5 @@
-"""The shared adversarial-training machinery (kiln.modules.blocks.adversarial): losses, R1 against
+"""The shared adversarial-training machinery (kiln.modules.blocks.adversarial and the phases in
+kiln.modules.gan.lit_module): losses, R1 against
 per-sample autograd, lazy-regularisation rescaling, and one Lightning run of a toy GAN whose
 phases are recorded: their order, the optimiser each steps, and that only that network's
 weights received gradients."""
@@ -10,14 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.modules.blocks.adversarial import (
-    AdversarialModule,
-    GANPair,
-    discriminator_loss,
-    generator_loss,
-    lazy_rescale,
-    r1_penalty,
-)
+from kiln.modules.blocks.adversarial import GANPair, discriminator_loss, generator_loss, lazy_rescale, r1_penalty
+from kiln.modules.gan.lit_module import AdversarialModule
 
 
 def test_hinge_and_non_saturating_losses():

@@ -1,5 +1,5 @@
 """LightningModule for BigGAN: class-conditional adversarial training on the shared phase
-machinery (`kiln.modules.blocks.adversarial`): hinge loss, Adam with beta1 = 0, orthogonal
+machinery (`kiln.modules.gan.lit_module`): hinge loss, Adam with beta1 = 0, orthogonal
 regularisation of G added to its loss every step, cross-replica BatchNorm in G when the run has
 more than one rank, and an EMA of G (the `kiln.trainers.ema.EMA` callback) for sampling.
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kiln.modules.biggan.networks import Discriminator, Generator, orthogonal_regularisation, truncated_normal
-from kiln.modules.blocks.adversarial import AdversarialModule, GANPair, GanLoss
+from kiln.modules.gan.lit_module import AdversarialModule, GANPair, GanLoss
 from kiln.modules.blocks.cross_replica_bn import convert_cross_replica
 from kiln.trainers.ema import weights_for_sampling
 

@@ -1,6 +1,6 @@
 """LightningModule for StyleGAN2 with ADA (Karras et al. 2020, "Analyzing and Improving the Image
 Quality of StyleGAN"; "Training Generative Adversarial Networks with Limited Data") on the shared
-phase machinery (`kiln.modules.blocks.adversarial`):
+phase machinery (`kiln.modules.gan.lit_module`):
 
     Dmain  non-saturating loss on augmented reals and fakes (ADA's controller reads D(real))
     Dreg   R1 (gamma / 2 * ||grad D(x)||^2) every 16 iterations
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kiln.modules.blocks.ada import PRESETS, AdaptiveAugment
-from kiln.modules.blocks.adversarial import AdversarialModule, GANPair, _size
+from kiln.modules.gan.lit_module import AdversarialModule, GANPair, _size
 from kiln.modules.stylegan.networks import Discriminator, Generator
 from kiln.trainers.ema import weights_for_sampling
 

@@ -1,0 +1,259 @@
+"""Adversarial training, written once for kiln's GAN families (BigGAN, StyleGAN2, and the
+image-to-image GANs): Lightning manual optimisation in named phases, as StyleGAN3's `loss.py`
+runs them (Karras et al. 2020, "Analyzing and Improving the Image Quality of StyleGAN", 2.4):
+
+    Dmain   the discriminator's adversarial loss on real and generated images
+    Dreg    its regulariser (R1, Mescheder et al. 2018), every `d_reg_interval` iterations
+    Gmain   the generator's adversarial loss (and a family's extra terms: L1, cycle, ...)
+    Greg    its regulariser (orthogonal regularisation, path length), every `g_reg_interval`
+
+Lazy regularisation: a regulariser run every k iterations is weighted by k, and the optimiser of
+the network it regularises, which also takes those steps, gets lr * c and betas ** c with
+c = k / (k + 1), so that the optimiser sees the same statistics as if both losses were added every
+iteration. A regulariser with interval None is added to its main loss every iteration instead.
+
+One iteration (one batch) is: `d_steps` x (Dmain, Dreg when due), then Gmain, Greg when due
+(D first, as BigGAN trains, so G's step answers the discriminator just updated). Only the Gmain
+step counts as a Lightning step, so `trainer.global_step` (max_steps, checkpoints, EMA) counts
+iterations whatever the number of phases. The EMA of G is the usual `kiln.trainers.ema.EMA`
+callback (`ema_target = "generator"`). Every image the discriminator sees goes through
+`self.augment`: the identity unless a family sets a `kiln.modules.blocks.ada.AdaptiveAugment`
+there, whose probability p the Dmain phases steer from D's outputs on real images (summed over
+ranks every `interval` iterations) and which is logged as `train/ada_p`.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from kiln.modules.blocks.ada import AdaptiveAugment
+from kiln.modules.blocks.adversarial import (
+    GanLoss,
+    GANPair,
+    discriminator_loss,
+    generator_loss,
+    lazy_rescale,
+    r1_penalty,
+)
+
+__all__ = ["AdversarialModule", "GANPair", "GanLoss", "Phase"]
+
+# Lightning warns that a checkpoint taken under manual optimisation holds the weights after the
+# step. kiln checkpoints at the end of an iteration (all phases done), which is what resuming needs.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A phase: its name, the network whose optimiser it steps, and its interval (1: every
+    iteration; k: lazy, every k iterations, loss weighted by k)."""
+
+    name: Literal["Dmain", "Dreg", "Gmain", "Greg"]
+    network: Literal["generator", "discriminator"]
+    interval: int = 1
+
+
+class AdversarialModule(L.LightningModule):
+    """Base class of the GAN families. A family builds `self.model = GANPair(G, D)` and defines:
+
+        real(batch) -> (images, condition)          what D sees as real (condition: labels, an input image, or None)
+        fake(batch, n) -> (images, condition)       n generated images for this batch's conditions
+        generator_regulariser(batch) -> Tensor      optional (Greg): e.g. orthogonal regularisation;
+                                                    has_generator_regulariser() says when it applies
+        generator_extra(batch, fake, cond) -> dict  optional: extra Gmain terms (name -> loss), e.g. L1
+
+    Args:
+        loss: "hinge" or "non_saturating".
+        lr_g / lr_d, betas_g / betas_d, eps: Adam for each network (before lazy rescaling).
+        r1_gamma: R1 weight (gamma / 2 * ||grad||^2); 0 turns Dreg off.
+        d_reg_interval / g_reg_interval: lazy-regularisation intervals (None: every iteration, in
+            the main phase, no rescaling).
+        d_steps: discriminator steps per generator step, each on its own share of the batch.
+    """
+
+    ema_target = "generator"
+
+    def __init__(self, loss: GanLoss = "hinge", lr_g: float = 2e-4, lr_d: float = 2e-4,
+                 betas_g: tuple[float, float] = (0.0, 0.999), betas_d: tuple[float, float] = (0.0, 0.999),
+                 eps: float = 1e-8, r1_gamma: float = 0.0, d_reg_interval: int | None = 16,
+                 g_reg_interval: int | None = None, d_steps: int = 1):
+        super().__init__()
+        if loss not in ("hinge", "non_saturating"):
+            raise ValueError(f"unknown GAN loss {loss!r}; choose 'hinge' or 'non_saturating'")
+        for name, interval in (("d_reg_interval", d_reg_interval), ("g_reg_interval", g_reg_interval)):
+            if interval is not None and interval < 1:
+                raise ValueError(f"{name} must be at least 1 (or null: every iteration), got {interval}")
+        if d_steps < 1:
+            raise ValueError(f"d_steps must be at least 1, got {d_steps}")
+        if r1_gamma < 0:
+            raise ValueError(f"r1_gamma must be non-negative, got {r1_gamma}")
+        self.automatic_optimization = False
+        self.gan_loss, self.lr_g, self.lr_d, self.eps = loss, lr_g, lr_d, eps
+        self.betas_g, self.betas_d = tuple(betas_g), tuple(betas_d)
+        self.r1_gamma, self.d_reg_interval, self.g_reg_interval, self.d_steps = r1_gamma, d_reg_interval, g_reg_interval, d_steps
+        self.augment: nn.Module = nn.Identity()  # a family may set an AdaptiveAugment (ADA)
+
+    # -- the networks ----------------------------------------------------------------------------
+    @property
+    def generator(self) -> nn.Module:
+        return self.model.generator
+
+    @property
+    def discriminator(self) -> nn.Module:
+        return self.model.discriminator
+
+    def shard_units(self) -> tuple[type, ...]:
+        return (*getattr(self.generator, "shard_units", ()), *getattr(self.discriminator, "shard_units", ()))
+
+    # -- what a family defines -------------------------------------------------------------------
+    def real(self, batch: dict) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+    def fake(self, batch: dict, n: int) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+    def has_generator_regulariser(self) -> bool:
+        return type(self).generator_regulariser is not AdversarialModule.generator_regulariser
+
+    def generator_regulariser(self, batch: dict) -> Tensor:
+        raise NotImplementedError
+
+    def generator_extra(self, batch: dict, fake: Tensor, condition: Tensor | None) -> dict[str, Tensor]:
+        return {}
+
+    def discriminate(self, images: Tensor, condition: Tensor | None) -> Tensor:
+        """D's logits, (N,); every image D sees goes through `self.augment`."""
+        images = self.augment(images)
+        return self.discriminator(images) if condition is None else self.discriminator(images, condition)
+
+    # -- phases ----------------------------------------------------------------------------------
+    def phases(self) -> list[Phase]:
+        """This family's phases, in the order of one iteration (see the module docstring)."""
+        out = [Phase("Dmain", "discriminator")]
+        if self.r1_gamma > 0 and self.d_reg_interval is not None:
+            out.append(Phase("Dreg", "discriminator", self.d_reg_interval))
+        out.append(Phase("Gmain", "generator"))
+        if self.has_generator_regulariser() and self.g_reg_interval is not None:
+            out.append(Phase("Greg", "generator", self.g_reg_interval))
+        return out
+
+    def due(self, phase: Phase, iteration: int) -> bool:
+        return iteration % phase.interval == 0
+
+    def d_main(self, batch: dict) -> dict[str, Tensor]:
+        real, condition = self.real(batch)
+        with torch.no_grad():
+            fake, fake_condition = self.fake(batch, len(real))
+        # One pass over real and fake together, as BigGAN does (one power iteration of spectral
+        # norm per D step, and one larger batch instead of two).
+        both = None if condition is None else torch.cat([condition, fake_condition])
+        real_logits, fake_logits = self.discriminate(torch.cat([real, fake]), both).split([len(real), len(fake)])
+        out = {"loss": discriminator_loss(real_logits, fake_logits, self.gan_loss),
+               "real_logits": real_logits.detach().mean(), "fake_logits": fake_logits.detach().mean()}
+        if isinstance(self.augment, AdaptiveAugment):
+            self.augment.observe(real_logits.detach())
+        if self.r1_gamma > 0 and self.d_reg_interval is None:
+            out["r1"] = self.r1(batch)["loss"]
+            out["loss"] = out["loss"] + out["r1"]
+        return out
+
+    def d_reg(self, batch: dict) -> dict[str, Tensor]:
+        return self.r1(batch)
+
+    def r1(self, batch: dict) -> dict[str, Tensor]:
+        """R1 on the real images before augmentation (gamma / 2 * ||grad||^2)."""
+        real, condition = self.real(batch)
+        real = real.detach().requires_grad_(True)
+        penalty = r1_penalty(self.discriminate(real, condition), real)
+        return {"loss": penalty.mean() * (self.r1_gamma / 2), "r1_penalty": penalty.detach().mean()}
+
+    def g_main(self, batch: dict) -> dict[str, Tensor]:
+        fake, condition = self.fake(batch, _size(batch))
+        out = {"adversarial": generator_loss(self.discriminate(fake, condition), self.gan_loss)}
+        out |= self.generator_extra(batch, fake, condition)
+        if self.has_generator_regulariser() and self.g_reg_interval is None:
+            out["regulariser"] = self.generator_regulariser(batch)
+        out["loss"] = sum(out.values())
+        return out
+
+    def g_reg(self, batch: dict) -> dict[str, Tensor]:
+        return {"loss": self.generator_regulariser(batch)}
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        opt_g, opt_d = self.optimizers()
+        iteration = self.global_step  # Gmain steps so far: one per iteration
+        run = {"Dmain": self.d_main, "Dreg": self.d_reg, "Gmain": self.g_main, "Greg": self.g_reg}
+        d_shares = _split(batch, self.d_steps)
+        for phase in self.phases():
+            if not self.due(phase, iteration):
+                continue
+            optimizer = opt_g if phase.network == "generator" else opt_d
+            shares = d_shares if phase.network == "discriminator" else [batch]
+            for share in shares:
+                self.toggle_optimizer(optimizer)  # only this network's weights take gradients
+                out = run[phase.name](share)
+                optimizer.zero_grad(set_to_none=True)
+                self.manual_backward(out["loss"] * phase.interval)
+                self.step(optimizer, counted=phase.name == "Gmain")
+                optimizer.zero_grad(set_to_none=True)  # no gradients held while the other network trains
+                self.untoggle_optimizer(optimizer)
+            for name, value in out.items():
+                self.log(f"train/{phase.name}/{name}", value.detach(), prog_bar=name == "loss")
+        if isinstance(self.augment, AdaptiveAugment):
+            self.adapt_augmentation(iteration)
+
+    def adapt_augmentation(self, iteration: int) -> None:
+        """ADA's controller: every `interval` iterations, r_t over all ranks' real images moves p."""
+        ada = self.augment
+        if (iteration + 1) % ada.interval == 0:
+            signs = self.trainer.strategy.reduce(ada.signs.clone(), reduce_op="sum")
+            self.log("train/ada_rt", ada.adjust(signs))
+        self.log("train/ada_p", ada.p.item(), prog_bar=True)
+
+    def step(self, optimizer, counted: bool) -> None:
+        """Step through the strategy's precision plugin; only counted steps advance global_step."""
+        if counted:
+            optimizer.step()
+        else:
+            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
+
+    def configure_optimizers(self):
+        lr_g, betas_g = lazy_rescale(self.lr_g, self.betas_g, self._lazy_interval("generator"))
+        lr_d, betas_d = lazy_rescale(self.lr_d, self.betas_d, self._lazy_interval("discriminator"))
+        g = [p for p in self.generator.parameters() if p.requires_grad]
+        d = [p for p in self.discriminator.parameters() if p.requires_grad]
+        return (torch.optim.Adam(g, lr=lr_g, betas=betas_g, eps=self.eps, foreach=True),
+                torch.optim.Adam(d, lr=lr_d, betas=betas_d, eps=self.eps, foreach=True))
+
+    def _lazy_interval(self, network: str) -> int | None:
+        return next((p.interval for p in self.phases() if p.network == network and p.name.endswith("reg")), None)
+
+    def setup(self, stage: str) -> None:
+        # Each phase's backward reaches one network only, so DDP must not wait for gradients of
+        # the other (it would hang, then fail at the next step): it has to look for unused ones.
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, DDPStrategy):
+            strategy._ddp_kwargs["find_unused_parameters"] = True
+
+
+def _size(batch: dict) -> int:
+    return len(next(v for v in batch.values() if isinstance(v, (Tensor, list))))
+
+
+def _split(batch: dict, n: int) -> list[dict]:
+    """A batch as n shares (tensors and lists split along the first dimension)."""
+    if n == 1:
+        return [batch]
+    size = _size(batch)
+    if size < n:
+        raise ValueError(f"a batch of {size} cannot feed d_steps={n} discriminator steps")
+    bounds = [size * i // n for i in range(n + 1)]
+    return [{k: v[a:b] if isinstance(v, (Tensor, list)) else v for k, v in batch.items()}
+            for a, b in zip(bounds, bounds[1:])]
