@@ -3,6 +3,7 @@
     python bench/loader.py [--samples N] [--workers 2,0] [--size S] [--batch-size B] [--repeats R]
                            [--no-s3] [--no-unshuffled] [--no-uint8] [--out table.md | results.json]
     python bench/loader.py --profile    # stage costs and cProfile of both loaders, in-process
+    python bench/loader.py --write      # also the table and run details in BENCHMARKS.md's "Data loader"
 
 A benchmark, not a test: it asserts nothing and takes minutes. It builds N emoji images as JPEG
 (quality 90) into shards of 256 samples once (cached under $KILN_CACHE, else ~/.cache/kiln), then
@@ -39,6 +40,8 @@ import sys
 import tarfile
 import threading
 import time
+
+from common import BENCHMARKS, machine, write_result
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "kiln-bench"
@@ -381,6 +384,8 @@ def main() -> None:
     parser.add_argument("--out", help="write the table (.md) or all results (.json) here")
     parser.add_argument("--profile", action="store_true",
                         help="stage costs and cProfile of both loaders in-process, instead")
+    parser.add_argument("--write", action="store_true",
+                        help="replace the table and run details in BENCHMARKS.md's 'Data loader' section")
     parser.add_argument("--_run", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._run:
@@ -463,6 +468,47 @@ def main() -> None:
                         f"{meta['versions']}\n")
     print(md)
     print(json.dumps(meta, indent=1))
+    main_name = f"kiln ShardPipeline, shuffle on, W={workers[0]}"
+    ratio, per_round = ratios[main_name][1], ratios[main_name][2]
+    write_result("loader", {
+        "section": "Data loader", "compared": f"kiln ShardPipeline / bare tar + PIL loop, samples/s, W={workers[0]}",
+        "ratio": ratio, "detail": f"rounds {min(per_round):.2f}-{max(per_round):.2f}; "
+                                  f"{args.samples} {args.size}px JPEGs, batch {args.batch_size}",
+        "ratios": {k: v[1] for k, v in ratios.items()}, "command": meta["command"],
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load1": [load_before[0], load_after[0]], "written": args.write})
+    if args.write:
+        write_table(md, meta)
+
+
+def write_table(md: str, meta: dict) -> None:
+    """In BENCHMARKS.md's "Data loader" section, replace the table and the run's bullets under it
+    (command, machine, versions, load) with this run's; the prose around them stays."""
+    run = [f"- Command: `{meta['command']}`.",
+           f"- Machine: {machine()}. Date: {meta['date']}.",
+           f"- Versions: {meta['versions']}.",
+           f"- Load average (1 min): {meta['load_before'][0]:.2f} before, {meta['load_after'][0]:.2f} after."]
+    with open(BENCHMARKS, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    try:
+        start = lines.index("## Data loader")
+    except ValueError:
+        lines += ["", "## Data loader", "", md, "", *run, ""]
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        first = next((i for i in range(start, end) if lines[i].startswith("| configuration")), end)
+        last = first
+        while last < end and lines[last].startswith("|"):
+            last += 1
+        after = last + 1 if last < end and lines[last] == "" else last
+        while after < end and (lines[after].startswith("- ") or lines[after].startswith("  ")):
+            after += 1
+        lines[first:after] = [md, "", *run]
+    tmp = BENCHMARKS + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    os.replace(tmp, BENCHMARKS)
+    print("wrote the table of the 'Data loader' section of BENCHMARKS.md", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,584 @@
+"""Framework overhead: a training step under `kiln fit` against a bare PyTorch loop on the same
+model, batch and optimizer.
+
+    python3 bench/overhead.py [--models clip,glide] [--steps 40] [--warmup 5] [--rounds 3] [--threads 2] [--write]
+    python3 bench/overhead.py --profile          # where kiln's step spends its time (cProfile, torch.profiler)
+    python3 bench/overhead.py --device cuda --precision bf16-mixed   # on a GPU (bench/gpu.sh)
+
+A benchmark, not a test: it asserts nothing. For each model (a family's tiny config, as is):
+
+* kiln: `kiln fit -c configs/<family>/tiny.yaml` through kiln's own entry point
+  (`kiln.trainers.cli.main`), so the Trainer, strategy, loggers (metrics.jsonl, offline W&B),
+  callbacks (run directory, last-checkpoint, data metrics, preemption, RNG state, sample grid,
+  rich progress bar, and the config's own, e.g. EMA) are those of a default run. Only the data
+  differs: `InMemoryData` below hands Lightning the same in-memory batch at every step, and the
+  config's sample-grid prompts are emptied so that the end of the run draws no grid (outside the
+  timed steps anyway).
+* bare: the same LightningModule class built from the same config and seed, driven by hand:
+  zero_grad, the family's loss (the arithmetic of its `training_step`, without `self.log`),
+  backward, the module's own optimizer and LR schedule (`configure_optimizers`), and its
+  `on_train_batch_end` (CLIP clamps its temperature there). No EMA: a bare loop does forward,
+  loss, backward and step; the EMA update kiln's run does is timed on its own and reported.
+
+The batch is one real batch of the config's data (built once, images already float), saved to a
+temporary file that both sides load. A step's time is the time between consecutive step ends
+(kiln: `on_train_batch_end`; bare: the loop), so on kiln's side it holds everything Lightning does
+per step. Every run is a fresh process; the sides alternate (kiln, bare, kiln, ...) and each round's
+ratio compares that round's two runs. Both sides: the same `torch.set_num_threads`,
+OMP_NUM_THREADS and OMP_WAIT_POLICY=PASSIVE (what `kiln` sets). On CUDA each step end waits for
+the GPU (`torch.cuda.synchronize`), on both sides.
+
+--write replaces the "Framework overhead" section of BENCHMARKS.md and leaves
+bench/results/overhead.json (bench/README.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import lightning as L
+
+from common import REPO, git_state, load1, machine, spread, utc_now, write_result, write_section
+
+SECTION = "## Framework overhead"
+CONFIGS = {"clip": "configs/clip/tiny.yaml", "glide": "configs/glide/tiny.yaml"}
+SIDES = ("kiln", "bare")
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _thread_cpu() -> dict[int, list]:
+    """CPU seconds of each thread of this process, by thread id, with its Python name where it
+    has one (OpenMP workers and other native threads have none)."""
+    import threading
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    main = threading.main_thread().native_id
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        tid = int(tid)
+        name = "main" if tid == main else names.get(tid, "native (OpenMP, ...)")
+        out[tid] = [name, (int(fields[11]) + int(fields[12])) / tick]
+    return out
+
+
+def _thread_split(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds spent between two `_thread_cpu` snapshots, summed by thread name."""
+    split: dict[str, float] = {}
+    for tid, (name, cpu) in after.items():
+        name = name.split("-")[0] if name.startswith("Thread-") else name
+        split[name] = split.get(name, 0.0) + cpu - before.get(tid, [name, 0.0])[1]
+    return split
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+# -- what kiln's side runs with (imported by jsonargparse as `overhead.InMemoryData` / `overhead.StepClock`) --
+
+class _Repeat:
+    def __init__(self, batch, n: int):
+        self.batch, self.n = batch, n
+
+    def __iter__(self):
+        return (self.batch for _ in range(self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class InMemoryData(L.LightningDataModule):
+    """The same batch (loaded from `path`) at every step, `steps` times."""
+
+    def __init__(self, path: str, steps: int):
+        super().__init__()
+        self.path, self.steps = path, steps
+
+    def setup(self, stage: str) -> None:
+        import torch
+
+        self.batch = torch.load(self.path, weights_only=True)
+
+    def train_dataloader(self):
+        return _Repeat(self.batch, self.steps)
+
+
+class StepClock(L.Callback):
+    """Stamps each step's end; at the end of training writes the step times to `out`."""
+
+    def __init__(self, out: str, warmup: int, device: str = "cpu"):
+        self.out, self.warmup, self.device = out, warmup, device
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self.loss0 = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import torch
+
+        self.rss_before = _rss_mib()
+        self.threads = torch.get_num_threads()
+        self.callbacks = [type(c).__name__ for c in trainer.callbacks]
+        self.loggers = [type(lg).__name__ for lg in trainer.loggers]
+        self.precision = str(trainer.precision)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        _sync(self.device)
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+        if self.loss0 is None:
+            self.loss0 = float(outputs["loss"])
+        if len(self.wall) == self.warmup + 1:
+            self.threads_before = _thread_cpu()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        split = _thread_split(self.threads_before, _thread_cpu())
+        result = {"stamps_wall": self.wall, "stamps_cpu": self.cpu, "loss0": self.loss0, "thread_cpu_s": split,
+                  "rss_before_step_mib": self.rss_before, "peak_rss_mib": _peak_rss_mib(), "threads": self.threads,
+                  "callbacks": self.callbacks, "loggers": self.loggers, "precision": self.precision}
+        with open(self.out, "w", encoding="utf-8") as f:
+            json.dump(result, f)
+
+
+# -- the bare loop --------------------------------------------------------------------------------
+
+def _loss_clip(module, batch):
+    from kiln.modules.clip.loss import clip_loss
+
+    image, text, scale = module.model(batch["image"], module.tokenize(batch["caption"]))
+    return clip_loss(image, text, scale, None, 0)
+
+
+def _loss_glide(module, batch):
+    from kiln.modules.blocks.diffusion import drop_condition
+
+    x0 = module._images(batch["image"])
+    drop = drop_condition(len(x0), module.hparams.caption_dropout).tolist()
+    tokens = module.tokenize(["" if d else c for c, d in zip(batch["caption"], drop)])
+    low = module.upsampled(module.low_res(x0)) if module.hparams.stage == "upsampler" else None
+    return module.diffusion.training_losses(lambda x, t: module.model(x, t, tokens, low), x0)["loss"]
+
+
+LOSSES = {"clip": _loss_clip, "glide": _loss_glide}
+
+
+def _config(model: str) -> dict:
+    import yaml
+
+    with open(os.path.join(REPO, CONFIGS[model]), encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def _module_from_config(config: dict):
+    import importlib
+
+    path = config["model"]["class_path"]
+    cls = getattr(importlib.import_module(path.rsplit(".", 1)[0]), path.rsplit(".", 1)[1])
+    return cls(**config["model"].get("init_args", {}))
+
+
+def _ema_callbacks(config: dict) -> list[dict]:
+    return [c for c in config.get("trainer", {}).get("callbacks", []) or []
+            if c.get("class_path", "").endswith(".EMA")]
+
+
+def run_bare(spec: dict) -> dict:
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+
+    config = _config(spec["model"])
+    L.seed_everything(0, verbose=False)  # as `kiln fit` (seed_everything_default=0) before building
+    module = _module_from_config(config)
+    device = torch.device(spec["device"])
+    module.to(device).train()
+    batch = torch.load(spec["batch"], weights_only=True)
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    total = spec["warmup"] + spec["steps"] + 1
+    module.trainer = SimpleNamespace(max_steps=total, world_size=1)  # what configure_optimizers reads
+    opt_config = module.configure_optimizers()
+    module.trainer = None
+    optimizer, scheduler = opt_config["optimizer"], opt_config["lr_scheduler"]["scheduler"]
+    loss_fn = LOSSES[spec["model"]]
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if spec["precision"] == "bf16-mixed"
+                else torch.autocast(device.type, enabled=False))
+    rss_before = _rss_mib()
+    wall, cpu, loss0 = [], [], None
+    for i in range(total):
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = loss_fn(module, batch)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        module.on_train_batch_end(loss, batch, i)
+        _sync(spec["device"])
+        wall.append(time.perf_counter())
+        cpu.append(time.process_time())
+        if loss0 is None:
+            loss0 = float(loss)
+        if i == spec["warmup"]:
+            threads_before = _thread_cpu()
+    split = _thread_split(threads_before, _thread_cpu())
+    out = {"stamps_wall": wall, "stamps_cpu": cpu, "loss0": loss0, "rss_before_step_mib": rss_before,
+           "thread_cpu_s": split,
+           "peak_rss_mib": _peak_rss_mib(), "threads": torch.get_num_threads()}
+    if _ema_callbacks(config):  # what kiln's EMA callback adds per step, timed alone
+        from kiln.trainers.ema import _local
+
+        network = getattr(module, getattr(module, "ema_target", "model"))
+        ema = copy.deepcopy(network).requires_grad_(False)
+        averages = [_local(p) for p in ema.parameters()]
+        weights = [_local(p) for p in network.parameters()]
+        times = []
+        for _ in range(20):
+            start = time.perf_counter()
+            torch._foreach_lerp_(averages, weights, 0.01)
+            for a, b in zip(ema.buffers(), network.buffers()):
+                _local(a).copy_(_local(b))
+            _sync(spec["device"])
+            times.append(time.perf_counter() - start)
+        out["ema_update_s"] = statistics.median(times)
+    out["params"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return out
+
+
+def run_kiln(spec: dict) -> dict:
+    import yaml
+
+    config = _config(spec["model"])
+    total = spec["warmup"] + spec["steps"] + 1
+    clock = os.path.join(spec["tmp"], f"clock-{spec['model']}-{os.getpid()}.json")
+    config["data"] = {"class_path": "overhead.InMemoryData", "init_args": {"path": spec["batch"], "steps": total}}
+    trainer = config.setdefault("trainer", {})
+    trainer["max_steps"] = total
+    trainer.pop("max_time", None)  # a time limit must not end the timed steps early
+    callbacks = list(trainer.get("callbacks") or [])
+    trainer["callbacks"] = callbacks + [{"class_path": "overhead.StepClock",
+                                         "init_args": {"out": clock, "warmup": spec["warmup"],
+                                                                       "device": spec["device"]}}]
+    if spec["device"] != "cpu":
+        trainer.update(accelerator="gpu", devices=1)
+    if spec["precision"] != "32":
+        trainer["precision"] = spec["precision"]
+    if "grid_prompts" in config["model"].get("init_args", {}):
+        config["model"]["init_args"]["grid_prompts"] = []
+    path = os.path.join(spec["tmp"], f"{spec['model']}-{os.getpid()}.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config, f)
+    from kiln.trainers.cli import main as kiln
+
+    argv = ["fit", "-c", path, "--run_dir", os.path.join(spec["tmp"], f"run-{spec['model']}-{os.getpid()}")]
+    if spec.get("wandb"):
+        argv += ["--wandb.mode", spec["wandb"]]
+    kiln(argv)
+    with open(clock, encoding="utf-8") as f:
+        out = json.load(f)
+    out["ema_callbacks"] = [c["class_path"].rsplit(".", 1)[1] + str(c.get("init_args", {})) for c in callbacks]
+    return out
+
+
+def run_side(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    if spec["mode"] == "prepare":
+        return prepare(spec)
+    if spec["mode"] == "profile":
+        return profile_side(spec)
+    out = run_kiln(spec) if spec["side"] == "kiln" else run_bare(spec)
+    wall, cpu = out.pop("stamps_wall"), out.pop("stamps_cpu")
+    skip = spec["warmup"]
+    out["wall_s"] = [b - a for a, b in zip(wall[skip:], wall[skip + 1:])]
+    out["cpu_s"] = [b - a for a, b in zip(cpu[skip:], cpu[skip + 1:])]
+    return out | {"side": spec["side"], "model": spec["model"]}
+
+
+def prepare(spec: dict) -> dict:
+    """One real batch of the config's data, images as float (what the module receives), saved;
+    with `synthetic`, random images and captions of the same shapes (where the data is not at hand)."""
+    import importlib
+
+    import torch
+
+    config = _config(spec["model"])
+    data = config["data"]
+    if spec.get("synthetic"):
+        module = _module_from_config(config)
+        hp = module.hparams
+        size = hp["vision"]["image_size"] if "vision" in hp else hp["image_size"]
+        n = data["init_args"]["batch_size"]
+        g = torch.Generator().manual_seed(1)
+        batch = {"image": torch.rand(n, 3, size, size, generator=g) * 2 - 1,
+                 "caption": [f"emoji number {i}: a small picture" for i in range(n)]}
+        torch.save(batch, spec["batch"])
+        return {"keys": sorted(batch), "image": list(batch["image"].shape), "captions": n, "synthetic": True}
+    init = dict(data.get("init_args", {}), num_workers=0)
+    mapper = init.get("mapper")
+    if isinstance(mapper, dict):
+        mod, name = mapper["class_path"].rsplit(".", 1)
+        init["mapper"] = getattr(importlib.import_module(mod), name)(**mapper.get("init_args", {}))
+    mod, name = data["class_path"].rsplit(".", 1)
+    dm = getattr(importlib.import_module(mod), name)(**init)
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    batch = dm.on_after_batch_transfer(dm.on_before_batch_transfer(batch, 0), 0)
+    batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) or k == "caption"}
+    torch.save(batch, spec["batch"])
+    return {"keys": sorted(batch), "image": list(batch["image"].shape), "captions": len(batch["caption"])}
+
+
+# -- profile --------------------------------------------------------------------------------------
+
+def profile_side(spec: dict) -> dict:
+    """kiln: cProfile over the timed steps of `kiln fit` (Python time by function). Both sides:
+    torch.profiler's self CPU time by op over a few steps, to show they run the same kernels."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if spec["side"] == "bare":
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run_bare(spec)
+        return {"ops": _top_ops(prof, spec["steps"] + spec["warmup"] + 1)}
+    profiler = cProfile.Profile()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        profiler.enable()
+        run_kiln(spec)
+        profiler.disable()
+    buffer = io.StringIO()
+    stats = pstats.Stats(profiler, stream=buffer)
+    stats.sort_stats("cumulative").print_stats(r"(lightning|kiln|trainers|modules|torch/optim|rich|wandb)", 45)
+    stats.sort_stats("tottime").print_stats(25)
+    del torch
+    return {"ops": _top_ops(prof, spec["steps"] + spec["warmup"] + 1), "cprofile": buffer.getvalue()}
+
+
+def _top_ops(prof, steps: int, top: int = 15) -> list[dict]:
+    events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
+    return [{"op": e.key, "ms_per_step": e.self_cpu_time_total / 1e3 / steps, "calls_per_step": e.count / steps}
+            for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]]
+
+
+# -- the driver -----------------------------------------------------------------------------------
+
+def run_child(spec: dict) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), OMP_WAIT_POLICY="PASSIVE", WANDB_SILENT="true",
+               PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)),
+                                                        os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_run", json.dumps(spec)], env=env,
+                         cwd=spec["tmp"], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{spec['model']} {spec.get('side', '')} {spec['mode']} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def report(args, models: list[str], runs: dict, ratios: dict, info: dict, meta: dict, profiles: dict) -> str:
+    lines = [
+        f"## {args.section}", "",
+        "A training step under `kiln fit` against a bare PyTorch loop on the same LightningModule, batch and "
+        f"optimizer, on {args.device.upper() if args.device != 'cpu' else 'CPU'} with {args.threads} threads on "
+        f"both sides, precision {args.precision}. kiln's side is `kiln fit -c configs/<family>/tiny.yaml` through "
+        "kiln's entry point, with a default run's Trainer, loggers and callbacks; only the data module is "
+        "swapped for one that hands over the same in-memory batch at every step. The bare side builds the "
+        "same module from the same config and seed and runs zero_grad, the family's loss (its "
+        "`training_step` arithmetic without `self.log`), backward, the module's own AdamW and LR schedule and "
+        "its `on_train_batch_end`. A step is the time between consecutive step ends, so kiln's includes "
+        "everything Lightning and the callbacks do per step. Fresh process per run, sides alternating, "
+        f"{args.rounds} rounds of {args.warmup} warm-up and {args.steps} timed steps each. The batch: "
+        + ("random images and captions of the config's batch shape." if args.synthetic else
+           "one real batch of the config's data (built once, images already float)."), "",
+        "| model | side | step time, median (IQR; min-max) | mean | CPU time per step | peak RSS (before the first step) "
+        "| first-step loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model in models:
+        for side in SIDES:
+            wall = spread([w for r in runs[model][side] for w in r["wall_s"]])
+            mean = statistics.mean(w for r in runs[model][side] for w in r["wall_s"])
+            cpu = statistics.median(c for r in runs[model][side] for c in r["cpu_s"])
+            peak = statistics.median(r["peak_rss_mib"] for r in runs[model][side])
+            built = statistics.median(r["rss_before_step_mib"] for r in runs[model][side])
+            loss = runs[model][side][0]["loss0"]
+            lines.append(
+                f"| {model} tiny ({info[model]['params']:,} params, batch {info[model]['batch']}) | {side} "
+                f"| {wall['median'] * 1e3:.1f} ms ({wall['q1'] * 1e3:.1f}-{wall['q3'] * 1e3:.1f}; "
+                f"{wall['min'] * 1e3:.1f}-{wall['max'] * 1e3:.1f}) | {mean * 1e3:.1f} ms | {cpu * 1e3:.1f} ms "
+                f"| {peak:.0f} MiB ({built:.0f} MiB) | {loss:.6f} |")
+    lines.append("")
+    for model in models:
+        med, mean = ratios[model]["median"], ratios[model]["mean"]
+        kiln0 = runs[model]["kiln"][0]
+        ema = runs[model]["bare"][0].get("ema_update_s")
+        cpu_ratio = statistics.median(statistics.median(b["cpu_s"]) / statistics.median(k["cpu_s"])
+                                      for k, b in zip(runs[model]["kiln"], runs[model]["bare"]))
+        threads = {side: _per_step_threads(runs[model][side], args.steps) for side in SIDES}
+        lines += [
+            f"**{model}: kiln / bare throughput {statistics.median(med):.3f}** (median over rounds of the ratio of "
+            f"median step times; per round: {', '.join(f'{r:.3f}' for r in med)}); from mean step times "
+            f"{statistics.median(mean):.3f} ({', '.join(f'{r:.3f}' for r in mean)}). kiln's run had callbacks "
+            f"{', '.join(f'`{c}`' for c in kiln0['callbacks'])}, loggers {', '.join(kiln0['loggers'])}, precision "
+            f"{kiln0['precision']}, {kiln0['threads']} threads"
+            + (f"; its config adds {', '.join(f'`{c}`' for c in kiln0['ema_callbacks'])}" if kiln0["ema_callbacks"] else "")
+            + (f". The EMA update alone takes {ema * 1e3:.2f} ms per step (timed in the bare process), "
+               f"{ema / statistics.median(w for r in runs[model]['bare'] for w in r['wall_s']):.1%} of a bare step"
+               if ema else "") + ".",
+            "",
+            f"CPU time per step (every thread of the process), kiln / bare: {cpu_ratio:.3f} (bare over kiln, "
+            "median of the rounds). Per timed step, by thread: " + "; ".join(
+                f"{side}: " + ", ".join(f"{name} {ms:.1f} ms" for name, ms in threads[side].items())
+                for side in SIDES) + ".", ""]
+    lines += [
+        "1-minute load average as each run started: " + "; ".join(
+            f"{model}: " + ", ".join(f"{r['load1_before']:.2f}" for pair in zip(runs[model]["kiln"], runs[model]["bare"])
+                                     for r in pair) for model in models) + " (kiln, bare, kiln, ...).", "",
+        f"- Command: `{meta['command']}`; {meta['elapsed_s'] / 60:.1f} minutes.",
+        f"- Machine: {meta['machine']}. Date: {meta['date']}, at {meta['git']}.",
+        f"- Versions: {meta['versions']}.",
+        f"- Load average (1 min): {meta['load_before']:.2f} before, {meta['load_after']:.2f} after.",
+    ]
+    if profiles:
+        lines += ["", "### Where kiln's step time goes", "", profiles["text"]]
+    return "\n".join(lines) + "\n"
+
+
+def _per_step_threads(runs: list[dict], steps: int) -> dict[str, float]:
+    """Median over runs of each thread group's CPU ms per timed step, largest first."""
+    names = {name for r in runs for name in r.get("thread_cpu_s", {})}
+    per = {name: statistics.median(r.get("thread_cpu_s", {}).get(name, 0.0) * 1e3 / steps for r in runs)
+           for name in names}
+    return dict(sorted(per.items(), key=lambda kv: -kv[1]))
+
+
+def versions() -> str:
+    import platform
+
+    import lightning
+    import torch
+
+    return f"Python {platform.python_version()}, torch {torch.__version__}, lightning {lightning.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="clip,glide", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="32", help="32 or bf16-mixed (kiln: trainer.precision; bare: autocast)")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="random images and captions instead of a batch of the config's data")
+    parser.add_argument("--section", default=SECTION[3:], help="the BENCHMARKS.md heading to write")
+    parser.add_argument("--wandb", choices=("offline", "disabled"), help="override the default W&B mode (offline)")
+    parser.add_argument("--write", action="store_true", help=f"replace the '{SECTION[3:]}' section of BENCHMARKS.md")
+    parser.add_argument("--profile", action="store_true", help="profile kiln's side and print where the time goes")
+    parser.add_argument("--result", default="overhead", help="the result file's name under bench/results/")
+    parser.add_argument("--_run", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._run:
+        print(json.dumps(run_side(json.loads(args._run))))
+        return
+
+    models = [m for m in args.models.split(",") if m]
+    t0, load_before = time.time(), load1()
+    with tempfile.TemporaryDirectory(prefix="kiln-overhead-") as tmp:
+        base = {"threads": args.threads, "warmup": args.warmup, "steps": args.steps, "device": args.device,
+                "precision": args.precision, "tmp": tmp, "wandb": args.wandb, "synthetic": args.synthetic}
+        info = {}
+        for model in models:
+            batch = os.path.join(tmp, f"batch-{model}.pt")
+            prepared = run_child(base | {"mode": "prepare", "model": model, "batch": batch})
+            info[model] = {"batch": prepared["captions"], "path": batch}
+            print(f"{model}: batch {prepared['image']} ({', '.join(prepared['keys'])})", file=sys.stderr)
+        if args.profile:
+            for model in models:
+                for side in SIDES:
+                    out = run_child(base | {"mode": "profile", "side": side, "model": model,
+                                            "batch": info[model]["path"]})
+                    print(f"\n== {model} {side}: top ops by self CPU time, ms per step")
+                    for row in out["ops"]:
+                        print(f"{row['ms_per_step']:9.2f} ms {row['calls_per_step']:7.1f} calls  {row['op']}")
+                    if "cprofile" in out:
+                        print(out["cprofile"])
+            return
+
+        runs = {m: {s: [] for s in SIDES} for m in models}
+        ratios = {m: {"median": [], "mean": []} for m in models}
+        for round_ in range(args.rounds):
+            for model in models:
+                for side in SIDES:
+                    load = load1()
+                    result = run_child(base | {"mode": "time", "side": side, "model": model,
+                                               "batch": info[model]["path"]})
+                    result["load1_before"] = load
+                    runs[model][side].append(result)
+                    print(f"round {round_ + 1} {model} {side}: median step "
+                          f"{statistics.median(result['wall_s']) * 1e3:.1f} ms, mean "
+                          f"{statistics.mean(result['wall_s']) * 1e3:.1f} ms, loss0 {result['loss0']:.6f}, "
+                          f"load {load1():.2f}", file=sys.stderr)
+                kiln, bare = runs[model]["kiln"][-1]["wall_s"], runs[model]["bare"][-1]["wall_s"]
+                ratios[model]["median"].append(statistics.median(bare) / statistics.median(kiln))
+                ratios[model]["mean"].append(statistics.mean(bare) / statistics.mean(kiln))
+        for model in models:
+            info[model]["params"] = runs[model]["bare"][0]["params"]
+
+    meta = {"command": shlex.join(["python3", os.path.relpath(os.path.abspath(__file__), REPO), *sys.argv[1:]]),
+            "machine": machine(), "versions": versions(),
+            "git": git_state(("trainers", "modules", "configs", "bench/overhead.py")),
+            "load_before": load_before, "load_after": load1(), "date": utc_now(), "elapsed_s": time.time() - t0}
+    section = report(args, models, runs, ratios, info, meta, {})
+    print(section)
+    headline = {m: statistics.median(ratios[m]["median"]) for m in models}
+    result = {
+        "section": args.section, "compared": "`kiln fit` step / bare PyTorch loop, same module, batch, optimizer",
+        "ratio": min(headline.values()),
+        "detail": "; ".join(f"{m} tiny {headline[m]:.2f} (rounds {min(ratios[m]['median']):.2f}-"
+                            f"{max(ratios[m]['median']):.2f})" for m in models),
+        "ratios": ratios, "device": args.device, "precision": args.precision,
+        "steps": {m: {s: spread([w for r in runs[m][s] for w in r["wall_s"]]) for s in SIDES} for m in models},
+        "command": meta["command"], "date": meta["date"], "load1": [meta["load_before"], meta["load_after"]],
+        "written": args.write,
+    }
+    path = write_result(args.result, result)
+    print(f"result: {os.path.relpath(path, REPO)}", file=sys.stderr)
+    if args.write:
+        write_section(f"## {args.section}", section)
+        print(f"wrote the '{args.section}' section of BENCHMARKS.md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
