@@ -397,6 +397,13 @@ def main() -> None:
     if args.write:
         write_section(section)
         print(f"wrote the '{SECTION[3:]}' section of {os.path.relpath(BENCHMARKS)}", file=sys.stderr)
+    from common import write_result  # bench/results/unet.json for bench/run.py (bench/README.md)
+
+    write_result("unet", {"section": SECTION[3:], "ratio": statistics.median(ratios),
+                          "compared": "kiln UNet / diffusers UNet2DConditionModel train step, matched params and FLOPs",
+                          "detail": f"rounds {min(ratios):.2f}-{max(ratios):.2f}", "command": meta["command"],
+                          "date": meta["date"], "load1": [meta["load_before"], meta["load_after"]],
+                          "written": args.write})
 
 
 if __name__ == "__main__":
