@@ -130,6 +130,27 @@ def test_precision_recall_equal_brute_force():
     assert 0 < result["precision"] < 1
 
 
+def test_class_spread_is_the_mean_per_class_variance():
+    from kiln.modules.eval.metrics import class_spread
+
+    g = torch.Generator().manual_seed(0)
+    # Class 0 spread with std 2, class 1 with std 0.5, around different centres; class 2 has one
+    # sample (no variance to measure: left out).
+    a = torch.randn(4000, 8, generator=g) * 2 + 5
+    b = torch.randn(4000, 8, generator=g) * 0.5 - 3
+    features = torch.cat([a, b, torch.zeros(1, 8)])
+    labels = torch.cat([torch.zeros(4000), torch.ones(4000), torch.full((1,), 2)]).long()
+    expected = (a.double().var(0).mean() + b.double().var(0).mean()).item() / 2
+    assert class_spread(features, labels) == pytest.approx(expected, rel=1e-12)
+    assert class_spread(features, labels) == pytest.approx((4 + 0.25) / 2, rel=0.05)
+    # Collapsing every class onto one point (what truncation tends towards) gives 0; the class
+    # centres being far apart does not count as spread.
+    assert class_spread(torch.cat([a.mean(0).expand(10, 8), b.mean(0).expand(10, 8)]),
+                        torch.arange(2).repeat_interleave(10)) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        class_spread(torch.zeros(3, 8), torch.arange(3))
+
+
 def test_inception_score_bounds():
     from kiln.modules.eval.metrics import inception_score
 

@@ -4,6 +4,7 @@ same metrics of an untrained model of the same config under `<name>_untrained`.
 """
 from __future__ import annotations
 
+import functools
 import json
 
 import fsspec
@@ -54,7 +55,7 @@ def evaluate_generative(models: list, data: L.LightningDataModule, metrics: list
     Sample i depends on (seed, i) only, as in the training-time GenerativeEval."""
     from kiln.modules.eval.extractors import build_extractor
     from kiln.modules.eval.judge import get_judge
-    from kiln.modules.eval.metrics import FidKid, inception_score, precision_recall
+    from kiln.modules.eval.metrics import FidKid, class_spread, inception_score, precision_recall
     from kiln.trainers.judging import resize_like, stages
 
     net = build_extractor(extractor, extractor_weights)
@@ -77,6 +78,15 @@ def evaluate_generative(models: list, data: L.LightningDataModule, metrics: list
                                               for i in range(0, len(real_images), batch_size)])
         return real_features[shape]
 
+    @functools.cache
+    def real_spread() -> float:
+        """The judge's per-class feature spread of the real held-out images, each class being
+        what the judge reads (it is right `judge_net.accuracy` of the time): the reference for
+        `judge/diversity`."""
+        parts = [judge_net.features_and_logits(real_images[i:i + batch_size])
+                 for i in range(0, len(real_images), batch_size)]
+        return class_spread(torch.cat([f for f, _ in parts]), torch.cat([lg for _, lg in parts]).argmax(1))
+
     results = []
     for model in models:
         if "l1" in metrics and not upsamples(model):
@@ -89,8 +99,8 @@ def evaluate_generative(models: list, data: L.LightningDataModule, metrics: list
         for i in range(0, num_samples if generated else 0, batch_size):
             out = model.generate_for_eval(list(range(i, min(i + batch_size, num_samples))), seed)
             for stage, (images, y) in stages(out).items():
-                fake.setdefault(stage, []).append((images.shape[1:], net(images),
-                                                   judge_net.logits(images) if judge_net is not None else None, y))
+                judged = judge_net.features_and_logits(images) if judge_net is not None else None
+                fake.setdefault(stage, []).append((images.shape[1:], net(images), judged, y))
         result: dict[str, float] = {"heldout/images": float(len(real_images))}
         for stage, parts in fake.items():
             prefix = f"{stage}/" if stage else ""
@@ -105,10 +115,13 @@ def evaluate_generative(models: list, data: L.LightningDataModule, metrics: list
             if "precision_recall" in metrics:
                 result |= {f"{prefix}{k}": v for k, v in precision_recall(reference, features).items()}
             if judge_net is not None:
-                logits = torch.cat([p[2] for p in parts])
+                logits = torch.cat([p[2][1] for p in parts])
                 if "judge" in metrics and parts[0][3] is not None:
                     labels = torch.cat([p[3] for p in parts])
                     result[f"{prefix}judge/accuracy"] = (logits.argmax(1) == labels).double().mean().item()
+                    # Diversity within each class asked for, relative to real images (1: as varied).
+                    spread = class_spread(torch.cat([p[2][0] for p in parts]), labels)
+                    result[f"{prefix}judge/diversity"] = spread / real_spread()
                 if "is" in metrics:
                     result[f"{prefix}is"], result[f"{prefix}is_std"] = inception_score(logits)
                 result[f"{prefix}judge/real_accuracy"] = float(judge_net.accuracy)

@@ -87,6 +87,11 @@ class Judge(nn.Module):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(self.prepare(images))
 
+    @torch.no_grad()
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.net.features(self.prepare(images))
+        return features, self.net.head(features)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # feature extractor interface
         return self.features(images)
 

@@ -105,6 +105,17 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> dict
     return {"precision": precision, "recall": recall}
 
 
+def class_spread(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over the classes present (with at least 2 samples) of the per-dimension variance of
+    their features: trace(cov) / D, averaged over classes. Samples of one class that all look
+    alike score near 0; truncation lowers it."""
+    features = features.double()
+    spreads = [features[labels == c].var(dim=0).mean() for c in labels.unique() if (labels == c).sum() >= 2]
+    if not spreads:
+        raise ValueError("class spread needs at least 2 samples of some class")
+    return torch.stack(spreads).mean().item()
+
+
 def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 0) -> tuple[float, float]:
     """Inception score (Salimans et al. 2016) from a classifier's logits: exp(E[KL(p(y|x) || p(y))]),
     mean and standard deviation over `splits` random splits (seeded)."""
