@@ -161,7 +161,12 @@ class GaussianDiffusion(nn.Module):
     out of whole-model half-precision casts: the samplers read the buffers as float32.
 
     parameterization: what the network's first C output channels predict. "eps": the noise;
-    "x0": the clean data; "v": sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0.
+    "x0": the clean data; "v": sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0. With the cosine
+    schedule, sqrt(alpha_bar) at the last step is about 1e-4, so an eps model's x0 estimate there
+    is its eps error amplified 10^4 times (then clipped), and a sampler with few, large steps
+    starts from that; v (or x0) predicts the data directly at high noise. On Fashion-MNIST GLIDE
+    this moved judge accuracy from 76.5% to 93% and the upsampler's L1 from 0.43 to 0.08
+    (RESULTS.md).
 
     learned_variance: the network returns 2C channels; the extra C, v in [-1, 1], set the reverse
     variance as exp(frac log beta_t + (1 - frac) log beta~_t) with frac = (v + 1) / 2, and the loss
