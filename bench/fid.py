@@ -1,7 +1,7 @@
 """FID and KID: kiln's `FidKid` (modules/eval/metrics.py) against torchmetrics'
 `FrechetInceptionDistance` and `KernelInceptionDistance` fed the same features.
 
-    python3 bench/fid.py [--samples 2000] [--features 2048] [--batch 100] [--rounds 3] [--threads 2] [--write]
+    python3 bench/fid.py [--samples 2000] [--features 1280] [--batch 100] [--rounds 3] [--threads 2] [--write]
 
 A benchmark, not a test: it asserts nothing. Both sides get the same precomputed features (N real
 and N generated rows of D dims, float32, drawn from a fixed seed: ReLU of two slightly different
@@ -236,8 +236,10 @@ def versions() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", type=int, default=2000, help="real and generated rows each")
-    parser.add_argument("--features", type=int, default=2048, help="feature width (InceptionV3 pool3: 2048)")
+    parser.add_argument("--samples", type=int, default=2000,
+                        help="real and generated rows each (more than --features, or the covariances are singular)")
+    parser.add_argument("--features", type=int, default=1280,
+                        help="feature width (kiln's offline extractor, EfficientNet-Lite0: 1280; InceptionV3 pool3: 2048)")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)

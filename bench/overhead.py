@@ -24,9 +24,12 @@ The batch is one real batch of the config's data (built once, images already flo
 temporary file that both sides load. A step's time is the time between consecutive step ends
 (kiln: `on_train_batch_end`; bare: the loop), so on kiln's side it holds everything Lightning does
 per step. Every run is a fresh process; the sides alternate (kiln, bare, kiln, ...) and each round's
-ratio compares that round's two runs. Both sides: the same `torch.set_num_threads`,
-OMP_NUM_THREADS and OMP_WAIT_POLICY=PASSIVE (what `kiln` sets). On CUDA each step end waits for
-the GPU (`torch.cuda.synchronize`), on both sides.
+ratio compares that round's two runs, from median step times on CPU. Both sides: the same
+`torch.set_num_threads`, OMP_NUM_THREADS and OMP_WAIT_POLICY=PASSIVE (what `kiln` sets). On CUDA
+only the timed window's two ends wait for the GPU (`torch.cuda.synchronize`), so the host runs
+ahead as in training, a step's own time is not the GPU's, and the ratio is from mean step times
+(the window's length); a side that waits for the GPU inside a step (reading a loss for a progress
+bar, say) pays for it there.
 
 --write replaces the "Framework overhead" section of BENCHMARKS.md and leaves
 bench/results/overhead.json (bench/README.md).
@@ -51,6 +54,7 @@ from common import REPO, git_state, load1, machine, spread, utc_now, write_resul
 SECTION = "## Framework overhead"
 CONFIGS = {"clip": "configs/clip/tiny.yaml", "glide": "configs/glide/tiny.yaml"}
 SIDES = ("kiln", "bare")
+HEADLINE = {True: "median", False: "mean"}  # on CPU (True) the ratio of median step times; on a GPU, of means
 
 
 def _rss_mib() -> float:
@@ -131,14 +135,58 @@ class InMemoryData(L.LightningDataModule):
         return _Repeat(self.batch, self.steps)
 
 
-class StepClock(L.Callback):
-    """Stamps each step's end; at the end of training writes the step times to `out`."""
+PHASES = ("between steps", "zero_grad, forward, loss", "backward", "update")
 
-    def __init__(self, out: str, warmup: int, device: str = "cpu"):
-        self.out, self.warmup, self.device = out, warmup, device
+
+class _Marks:
+    """(wall, CPU) stamps at the phase boundaries of each step: start, before backward, after
+    backward, end; `phases` turns them into each phase's mean per timed step."""
+
+    def __init__(self):
+        self.steps: list[dict[str, tuple[float, float]]] = []
+
+    def mark(self, name: str) -> None:
+        if name == "start":
+            self.steps.append({})
+        self.steps[-1][name] = (time.perf_counter(), time.process_time())
+
+    def phases(self, warmup: int) -> dict[str, list[float]]:
+        """phase -> [wall s, CPU s], means over the steps after `warmup` (each from the previous end)."""
+        order = ("start", "backward", "update", "end")
+        out = {p: [0.0, 0.0] for p in PHASES}
+        timed = list(zip(self.steps[warmup:], self.steps[warmup + 1:]))
+        for prev, step in timed:
+            bounds = [prev["end"]] + [step[k] for k in order]
+            for phase, a, b in zip(PHASES, bounds, bounds[1:]):
+                out[phase][0] += (b[0] - a[0]) / len(timed)
+                out[phase][1] += (b[1] - a[1]) / len(timed)
+        return out
+
+
+def _timed(fn, into: list[float]):
+    """`fn`, adding each call's wall and CPU seconds to into[0] and into[1]."""
+    def wrapper(*args, **kwargs):
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            into[0] += time.perf_counter() - w
+            into[1] += time.process_time() - c
+
+    return wrapper
+
+
+class StepClock(L.Callback):
+    """Stamps each step's phases (Lightning's hooks) and end; times `self.log` and the EMA update by
+    thin wrappers (no profiler); at the end of training writes it all to `out`."""
+
+    def __init__(self, out: str, warmup: int, steps: int, device: str = "cpu"):
+        self.out, self.warmup, self.steps, self.device = out, warmup, steps, device
         self.wall: list[float] = []
         self.cpu: list[float] = []
         self.loss0 = None
+        self.marks = _Marks()
+        self.log_s, self.ema_s = [0.0, 0.0], [0.0, 0.0]
 
     def on_train_start(self, trainer, pl_module) -> None:
         import torch
@@ -148,21 +196,42 @@ class StepClock(L.Callback):
         self.callbacks = [type(c).__name__ for c in trainer.callbacks]
         self.loggers = [type(lg).__name__ for lg in trainer.loggers]
         self.precision = str(trainer.precision)
+        pl_module.log = _timed(pl_module.log, self.log_s)
+        for callback in trainer.callbacks:
+            if type(callback).__name__ == "EMA":
+                callback.on_train_batch_end = _timed(callback.on_train_batch_end, self.ema_s)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.marks.mark("start")
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self.marks.mark("backward")
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.marks.mark("update")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        _sync(self.device)
+        if len(self.wall) in (self.warmup, self.warmup + self.steps):  # the timed window's ends
+            _sync(self.device)
+        self.marks.mark("end")
         self.wall.append(time.perf_counter())
         self.cpu.append(time.process_time())
         if self.loss0 is None:
             self.loss0 = float(outputs["loss"])
         if len(self.wall) == self.warmup + 1:
             self.threads_before = _thread_cpu()
+            self.log_before, self.ema_before = list(self.log_s), list(self.ema_s)
 
     def on_train_end(self, trainer, pl_module) -> None:
         split = _thread_split(self.threads_before, _thread_cpu())
+        steps = len(self.wall) - self.warmup - 1
+        phases = self.marks.phases(self.warmup)
+        phases["of which self.log"] = [(a - b) / steps for a, b in zip(self.log_s, self.log_before)]
+        phases["of which EMA"] = [(a - b) / steps for a, b in zip(self.ema_s, self.ema_before)]
         result = {"stamps_wall": self.wall, "stamps_cpu": self.cpu, "loss0": self.loss0, "thread_cpu_s": split,
-                  "rss_before_step_mib": self.rss_before, "peak_rss_mib": _peak_rss_mib(), "threads": self.threads,
-                  "callbacks": self.callbacks, "loggers": self.loggers, "precision": self.precision}
+                  "phases": phases, "rss_before_step_mib": self.rss_before, "peak_rss_mib": _peak_rss_mib(),
+                  "threads": self.threads, "callbacks": self.callbacks, "loggers": self.loggers,
+                  "precision": self.precision}
         with open(self.out, "w", encoding="utf-8") as f:
             json.dump(result, f)
 
@@ -218,6 +287,7 @@ def run_bare(spec: dict) -> dict:
     config = _config(spec["model"])
     L.seed_everything(0, verbose=False)  # as `kiln fit` (seed_everything_default=0) before building
     module = _module_from_config(config)
+    L.seed_everything(0, verbose=False)  # kiln's RandomState (trainers/rng.py) re-seeds at setup, after the build
     device = torch.device(spec["device"])
     module.to(device).train()
     batch = torch.load(spec["batch"], weights_only=True)
@@ -231,16 +301,21 @@ def run_bare(spec: dict) -> dict:
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if spec["precision"] == "bf16-mixed"
                 else torch.autocast(device.type, enabled=False))
     rss_before = _rss_mib()
-    wall, cpu, loss0 = [], [], None
+    wall, cpu, loss0, marks = [], [], None, _Marks()
     for i in range(total):
+        marks.mark("start")
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             loss = loss_fn(module, batch)
+        marks.mark("backward")
         loss.backward()
+        marks.mark("update")
         optimizer.step()
         scheduler.step()
         module.on_train_batch_end(loss, batch, i)
-        _sync(spec["device"])
+        if i in (spec["warmup"], spec["warmup"] + spec["steps"]):
+            _sync(spec["device"])
+        marks.mark("end")
         wall.append(time.perf_counter())
         cpu.append(time.process_time())
         if loss0 is None:
@@ -249,7 +324,7 @@ def run_bare(spec: dict) -> dict:
             threads_before = _thread_cpu()
     split = _thread_split(threads_before, _thread_cpu())
     out = {"stamps_wall": wall, "stamps_cpu": cpu, "loss0": loss0, "rss_before_step_mib": rss_before,
-           "thread_cpu_s": split,
+           "thread_cpu_s": split, "phases": marks.phases(spec["warmup"]),
            "peak_rss_mib": _peak_rss_mib(), "threads": torch.get_num_threads()}
     if _ema_callbacks(config):  # what kiln's EMA callback adds per step, timed alone
         from kiln.trainers.ema import _local
@@ -284,7 +359,7 @@ def run_kiln(spec: dict) -> dict:
     callbacks = list(trainer.get("callbacks") or [])
     trainer["callbacks"] = callbacks + [{"class_path": "overhead.StepClock",
                                          "init_args": {"out": clock, "warmup": spec["warmup"],
-                                                                       "device": spec["device"]}}]
+                                                                       "steps": spec["steps"], "device": spec["device"]}}]
     if spec["device"] != "cpu":
         trainer.update(accelerator="gpu", devices=1)
     if spec["precision"] != "32":
@@ -360,21 +435,28 @@ def prepare(spec: dict) -> dict:
 # -- profile --------------------------------------------------------------------------------------
 
 def profile_side(spec: dict) -> dict:
-    """kiln: cProfile over the timed steps of `kiln fit` (Python time by function). Both sides:
-    torch.profiler's self CPU time by op over a few steps, to show they run the same kernels."""
+    """kiln: cProfile over `kiln fit` (Python time by function) and the per-step decomposition
+    below. With `torch_ops`, both sides also get torch.profiler's self CPU time by op, to show
+    they run the same kernels."""
+    import contextlib
     import cProfile
     import io
     import pstats
 
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
+    ops = profile(activities=[ProfilerActivity.CPU]) if spec.get("torch_ops") else contextlib.nullcontext()
+    total = spec["steps"] + spec["warmup"] + 1
     if spec["side"] == "bare":
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with ops as prof:
             run_bare(spec)
-        return {"ops": _top_ops(prof, spec["steps"] + spec["warmup"] + 1)}
-    profiler = cProfile.Profile()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        return {"ops": _top_ops(prof, total) if prof else []}
+    import time as _time
+
+    # CPU time of the whole process (every thread) as the clock: the other jobs on the cores slow the
+    # wall clock of multi-threaded kernels and of single-threaded Python differently, CPU time hardly.
+    profiler = cProfile.Profile(_time.process_time)
+    with ops as prof:
         profiler.enable()
         run_kiln(spec)
         profiler.disable()
@@ -382,8 +464,44 @@ def profile_side(spec: dict) -> dict:
     stats = pstats.Stats(profiler, stream=buffer)
     stats.sort_stats("cumulative").print_stats(r"(lightning|kiln|trainers|modules|torch/optim|rich|wandb)", 45)
     stats.sort_stats("tottime").print_stats(25)
-    del torch
-    return {"ops": _top_ops(prof, spec["steps"] + spec["warmup"] + 1), "cprofile": buffer.getvalue()}
+    return {"ops": _top_ops(prof, total) if prof else [], "cprofile": buffer.getvalue(),
+            "decomposition": _decompose(stats)}
+
+
+def _decompose(stats) -> dict[str, float]:
+    """CPU seconds per training step (cumulative times from cProfile with a process-CPU clock,
+    over every step it saw) of what a `kiln fit` step is made of."""
+    def cum(path: str, name: str) -> tuple[float, int]:
+        hits = [(v[3], v[1]) for (f, _, n), v in stats.stats.items() if f.endswith(path) and n == name]
+        return sum(h[0] for h in hits), sum(h[1] for h in hits)
+
+    step, steps = cum("loops/training_epoch_loop.py", "advance")
+    if not steps:
+        return {}
+    optimizer_step = cum("loops/optimization/automatic.py", "_optimizer_step")[0]
+    closure = cum("loops/optimization/automatic.py", "closure")[0]
+    training_step = sum(v[3] for (f, _, n), v in stats.stats.items()
+                        if n == "training_step" and f.endswith("lit_module.py"))
+    log = cum("pytorch/core/module.py", "log")[0]
+    backward = sum(v[3] for (f, _, n), v in stats.stats.items() if n.startswith("<method 'run_backward'"))
+    adam = sum(v[3] for (f, _, n), v in stats.stats.items()
+               if n == "step" and "torch/optim/" in f and "lr_scheduler" not in f)
+    ema = cum("trainers/ema.py", "on_train_batch_end")[0]
+    bar = cum("progress/rich_progress.py", "on_train_batch_end")[0]
+    parts = {
+        "step": step,
+        "forward + loss (training_step without self.log)": training_step - log,
+        "backward": backward,
+        "AdamW update": adam - closure,
+        "self.log calls": log,
+        "Lightning inside the optimizer step (closure, hooks, zero_grad, LR scheduler)":
+            optimizer_step - adam + closure - training_step - backward,
+        "after the optimizer step: EMA update": ema,
+        "after the optimizer step: progress bar": bar,
+        "after the optimizer step: the rest (batch hand-over, other callbacks, loggers)":
+            step - optimizer_step - ema - bar,
+    }
+    return {k: v / steps for k, v in parts.items()}
 
 
 def _top_ops(prof, steps: int, top: int = 15) -> list[dict]:
@@ -405,7 +523,7 @@ def run_child(spec: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def report(args, models: list[str], runs: dict, ratios: dict, info: dict, meta: dict, profiles: dict) -> str:
+def report(args, models: list[str], runs: dict, ratios: dict, info: dict, meta: dict) -> str:
     lines = [
         f"## {args.section}", "",
         "A training step under `kiln fit` against a bare PyTorch loop on the same LightningModule, batch and "
@@ -439,7 +557,9 @@ def report(args, models: list[str], runs: dict, ratios: dict, info: dict, meta: 
                 f"| {peak:.0f} MiB ({built:.0f} MiB) | {loss:.6f} |")
     lines.append("")
     for model in models:
-        med, mean = ratios[model]["median"], ratios[model]["mean"]
+        basis = HEADLINE[args.device == "cpu"]
+        other = HEADLINE[args.device != "cpu"]
+        med, mean = ratios[model][basis], ratios[model][other]
         kiln0 = runs[model]["kiln"][0]
         ema = runs[model]["bare"][0].get("ema_update_s")
         cpu_ratio = statistics.median(statistics.median(b["cpu_s"]) / statistics.median(k["cpu_s"])
@@ -447,7 +567,7 @@ def report(args, models: list[str], runs: dict, ratios: dict, info: dict, meta: 
         threads = {side: _per_step_threads(runs[model][side], args.steps) for side in SIDES}
         lines += [
             f"**{model}: kiln / bare throughput {statistics.median(med):.3f}** (median over rounds of the ratio of "
-            f"median step times; per round: {', '.join(f'{r:.3f}' for r in med)}); from mean step times "
+            f"{basis} step times; per round: {', '.join(f'{r:.3f}' for r in med)}); from {other} step times "
             f"{statistics.median(mean):.3f} ({', '.join(f'{r:.3f}' for r in mean)}). kiln's run had callbacks "
             f"{', '.join(f'`{c}`' for c in kiln0['callbacks'])}, loggers {', '.join(kiln0['loggers'])}, precision "
             f"{kiln0['precision']}, {kiln0['threads']} threads"
@@ -469,9 +589,42 @@ def report(args, models: list[str], runs: dict, ratios: dict, info: dict, meta: 
         f"- Versions: {meta['versions']}.",
         f"- Load average (1 min): {meta['load_before']:.2f} before, {meta['load_after']:.2f} after.",
     ]
-    if profiles:
-        lines += ["", "### Where kiln's step time goes", "", profiles["text"]]
+    lines += ["", "### Where the step time goes", "",
+              "Each step split at the hooks Lightning calls (`on_train_batch_start`, `on_before_backward`, "
+              "`on_after_backward`, `on_train_batch_end`) and, in the bare loop, at the same points; `self.log` and "
+              "the EMA callback timed by thin wrappers. No profiler: these are the timed runs above. Mean wall ms "
+              "per timed step (CPU ms of the whole process in brackets), median over the rounds. \"between steps\" "
+              "is everything from one step's end to the next one's start: the callbacks after the step clock "
+              "(checkpoint and sample-grid checks, progress bar, data metrics, preemption), the loggers, the "
+              "loop's bookkeeping and the next batch; \"update\" is the AdamW step, the LR schedule and the "
+              "`on_train_batch_end` hooks before the clock (the module's, the EMA's).", "",
+              "| phase | " + " | ".join(f"{m} {side}" for m in models for side in SIDES) + " |",
+              "|---|" + "---|" * (2 * len(models))]
+    names = [*PHASES, "of which self.log", "of which EMA"]
+    for name in names:
+        cells = []
+        for m in models:
+            for side in SIDES:
+                values = [r["phases"][name] for r in runs[m][side] if name in r.get("phases", {})]
+                cells.append(f"{statistics.median(v[0] for v in values) * 1e3:.1f} "
+                             f"({statistics.median(v[1] for v in values) * 1e3:.1f})" if values else "—")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _decomposition_table(decomposition: dict[str, dict[str, float]]) -> str:
+    models = [m for m, d in decomposition.items() if d]
+    if not models:
+        return "(no training steps in the profile)"
+    lines = ["| part of a `kiln fit` step | " + " | ".join(f"{m}: CPU ms per step (share)" for m in models) + " |",
+             "|---|" + "---|" * len(models)]
+    for part in decomposition[models[0]]:
+        cells = []
+        for m in models:
+            d = decomposition[m]
+            cells.append(f"{d[part] * 1e3:.1f}" + ("" if part == "step" else f" ({d[part] / d['step']:.1%})"))
+        lines.append(f"| {part} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _per_step_threads(runs: list[dict], steps: int) -> dict[str, float]:
@@ -527,13 +680,14 @@ def main() -> None:
         if args.profile:
             for model in models:
                 for side in SIDES:
-                    out = run_child(base | {"mode": "profile", "side": side, "model": model,
+                    out = run_child(base | {"mode": "profile", "side": side, "model": model, "torch_ops": True,
                                             "batch": info[model]["path"]})
                     print(f"\n== {model} {side}: top ops by self CPU time, ms per step")
                     for row in out["ops"]:
                         print(f"{row['ms_per_step']:9.2f} ms {row['calls_per_step']:7.1f} calls  {row['op']}")
                     if "cprofile" in out:
                         print(out["cprofile"])
+                        print(_decomposition_table({model: out["decomposition"]}))
             return
 
         runs = {m: {s: [] for s in SIDES} for m in models}
@@ -560,15 +714,18 @@ def main() -> None:
             "machine": machine(), "versions": versions(),
             "git": git_state(("trainers", "modules", "configs", "bench/overhead.py")),
             "load_before": load_before, "load_after": load1(), "date": utc_now(), "elapsed_s": time.time() - t0}
-    section = report(args, models, runs, ratios, info, meta, {})
+    section = report(args, models, runs, ratios, info, meta)
     print(section)
-    headline = {m: statistics.median(ratios[m]["median"]) for m in models}
+    basis = HEADLINE[args.device == "cpu"]
+    headline = {m: statistics.median(ratios[m][basis]) for m in models}
     result = {
         "section": args.section, "compared": "`kiln fit` step / bare PyTorch loop, same module, batch, optimizer",
         "ratio": min(headline.values()),
-        "detail": "; ".join(f"{m} tiny {headline[m]:.2f} (rounds {min(ratios[m]['median']):.2f}-"
-                            f"{max(ratios[m]['median']):.2f})" for m in models),
-        "ratios": ratios, "device": args.device, "precision": args.precision,
+        "detail": "; ".join(f"{m} tiny {headline[m]:.2f} (rounds {min(ratios[m][basis]):.2f}-"
+                            f"{max(ratios[m][basis]):.2f})" for m in models) + f", from {basis} step times",
+        "ratios": ratios, "cpu_ratios": {m: [statistics.median(b["cpu_s"]) / statistics.median(k["cpu_s"])
+                                             for k, b in zip(runs[m]["kiln"], runs[m]["bare"])] for m in models},
+        "device": args.device, "precision": args.precision,
         "steps": {m: {s: spread([w for r in runs[m][s] for w in r["wall_s"]]) for s in SIDES} for m in models},
         "command": meta["command"], "date": meta["date"], "load1": [meta["load_before"], meta["load_after"]],
         "written": args.write,
