@@ -344,7 +344,8 @@ def report(args, cfg: dict, info: dict, runs: dict, summary: dict, profiles: dic
         "torch's CPU build of an earlier release, for which torchvision (which open_clip imports) has no CPU build "
         "on these machines, so kiln runs here under the peer's torch.",
         f"- Load average (1 min): {meta['load_before']:.2f} before, {meta['load_after']:.2f} after; as each run "
-        f"started, by round: {loads}. The benchmark itself keeps {args.threads} threads busy; other jobs on the "
+        f"started, by round: {loads}. The benchmark itself keeps {args.threads} thread{'s' * (args.threads != 1)} busy; "
+        "other jobs on the "
         "cores slow both sides, and the per-round ratios show how much that moved the comparison.",
         "- FLOPs: `torch.utils.flop_counter.FlopCounterMode` over one forward + backward of the batch (matrix "
         "products, convolutions, attention; the CPU attention kernel counted with torch's formulas for the GPU "
