@@ -1,9 +1,11 @@
 """Unit tests for the shared diffusion U-Net (modules/blocks/unet.py): shapes, conditioning,
-masking, gradients, activation checkpointing and the papers' parameter counts on the meta device."""
+masking, gradients, activation checkpointing, the attention block's optional GEGLU feed-forward
+and the papers' parameter counts on the meta device."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kiln.modules.blocks.transformer import Transformer
@@ -45,6 +47,7 @@ def _count(**kwargs) -> int:
     (dict(TINY, channel_mult=(1, 1, 2, 2), attention_levels=(2, 3)), 28),  # 7 -> 3 would not: padded
     (dict(TINY, channels=32, num_res_blocks=(1, 2), resblock_updown=False, scale_shift_norm=False), 12),
     (dict(TINY, channels=24, groups=32, attention_levels=(0, 1)), 10),  # 24 and 48 channels: divisor groups
+    (dict(TINY, ff_mult=2), 16),
 ])
 def test_output_shape_equals_input_shape(kwargs, size):
     model = _randomise(UNet(**kwargs))
@@ -102,9 +105,10 @@ def test_pooled_and_class_conditioning_change_output():
     assert not torch.allclose(model(x, t * 0 + 900, pooled=pooled, y=y), out, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["concat_kv", "cross"])
-def test_gradient_reaches_every_parameter(mode):
-    model = UNet(context_dim=12, context_mode=mode, pooled_dim=10, num_classes=5, dropout=0.1, **TINY)
+@pytest.mark.parametrize("mode, ff_mult", [("concat_kv", 0), ("cross", 0), ("concat_kv", 2), ("cross", 3)])
+def test_gradient_reaches_every_parameter(mode, ff_mult):
+    model = UNet(context_dim=12, context_mode=mode, pooled_dim=10, num_classes=5, dropout=0.1,
+                 ff_mult=ff_mult, **TINY)
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([5, 500])
     cond = dict(context=torch.randn(2, 6, 12), context_mask=torch.tensor([[1, 1, 0, 0, 0, 0]] * 2).bool(),
                 pooled=torch.randn(2, 10), y=torch.tensor([1, 3]))
@@ -154,9 +158,75 @@ def test_meta_build_matches_cpu_count():
 
 
 def test_invalid_configs_raise():
-    for bad in (dict(num_res_blocks=(1, 2, 3)), dict(attention_levels=(2,)), dict(context_mode="add")):
+    for bad in (dict(num_res_blocks=(1, 2, 3)), dict(attention_levels=(2,)), dict(context_mode="add"),
+                dict(ff_mult=-1)):
         with pytest.raises(ValueError):
             UNet(**dict(TINY, **bad))
+
+
+# ------------------------------------------------------------------ the feed-forward
+
+@pytest.mark.parametrize("kwargs, params, tensors", [
+    (TINY, 208_947, 144),
+    (dict(TINY, context_dim=12), 212_275, 152),
+    (dict(TINY, context_dim=12, context_mode="cross"), 220_979, 176),
+])
+def test_default_has_no_feed_forward_and_unchanged_parameters(kwargs, params, tensors):
+    # counts taken before ff_mult existed: configs and checkpoints from then still fit exactly
+    for model in (UNet(**kwargs), UNet(ff_mult=0, **kwargs)):
+        state = model.state_dict()
+        assert sum(p.numel() for p in model.parameters()) == params and len(state) == tensors
+        assert not any(".ff." in key for key in state)
+        assert all(block.ff is None for block in model.modules() if isinstance(block, AttentionBlock))
+
+
+@pytest.mark.parametrize("mode", ["concat_kv", "cross"])
+@pytest.mark.parametrize("ff_mult", [1, 4])
+def test_feed_forward_parameter_count(mode, ff_mult):
+    # per attention block of width C: LayerNorm 2C, value and gate C x 2mC + 2mC, out mC x C + C
+    kwargs = dict(TINY, channel_mult=(1, 2, 3), attention_levels=(1, 2), context_dim=12, context_mode=mode)
+    widths = [block.norm.num_channels for block in UNet(**kwargs).modules() if isinstance(block, AttentionBlock)]
+    assert sorted(set(widths)) == [32, 48]  # levels 1 and 2, and the middle block
+    extra = sum(3 * ff_mult * c * c + 2 * ff_mult * c + 3 * c for c in widths)
+    assert _count(ff_mult=ff_mult, **kwargs) - _count(**kwargs) == extra
+
+
+@pytest.mark.parametrize("mode", ["concat_kv", "cross"])
+def test_feed_forward_is_pre_norm_geglu_starting_as_identity(mode):
+    torch.manual_seed(0)
+    plain = _randomise(AttentionBlock(16, 8, context_dim=12, context_mode=mode)).eval()
+    block = AttentionBlock(16, 8, context_dim=12, context_mode=mode, ff_mult=3).eval()
+    missing, unexpected = block.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and sorted(missing) == sorted(f"ff.{k}" for k in block.ff.state_dict())
+    x, context = torch.randn(2, 16, 5, 6), torch.randn(2, 4, 12)
+    mask = torch.tensor([[True, True, False, False], [True] * 4])
+    before = plain(x, context, mask)
+    # the zero-initialised output layer: the untrained feed-forward adds nothing
+    torch.testing.assert_close(block(x, context, mask), before, rtol=0, atol=0)
+
+    _randomise(block.ff, seed=1)
+    ff = block.ff
+    tokens = before.flatten(2).transpose(1, 2)  # (N, H*W, C)
+    value, gate = ff["proj"](F.layer_norm(tokens, (16,), ff["norm"].weight, ff["norm"].bias)).chunk(2, dim=-1)
+    assert value.shape[-1] == 3 * 16
+    expected = before + ff["out"](value * F.gelu(gate)).transpose(1, 2).reshape(before.shape)
+    out = block(x, context, mask)
+    torch.testing.assert_close(out, expected)
+    assert not torch.allclose(out, before, atol=1e-3)
+
+
+def test_feed_forward_with_checkpoint_gives_same_output_and_gradients():
+    kwargs = dict(TINY, context_dim=12, context_mode="cross", ff_mult=2)
+    plain = _randomise(UNet(**kwargs))
+    ckpt = UNet(checkpoint=True, **kwargs)
+    ckpt.load_state_dict(plain.state_dict())
+    x, t, context = torch.randn(2, 3, 8, 8), torch.tensor([5, 500]), torch.randn(2, 6, 12)
+    outs = [model(x, t, context) for model in (plain, ckpt)]
+    for out in outs:
+        out.square().mean().backward()
+    torch.testing.assert_close(outs[1], outs[0])
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
 
 
 # ------------------------------------------------------------------ the papers' sizes

@@ -137,15 +137,21 @@ def _to_image(tokens: Tensor, shape: torch.Size) -> Tensor:
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H*W image tokens, with text tokens either joined to its
     keys/values ("concat_kv", GLIDE) or attended by a following cross-attention layer ("cross").
+    ``ff_mult`` > 0 ends the block with a pre-LayerNorm GEGLU feed-forward of hidden width
+    ``ff_mult * channels`` (Shazeer 2020, "GLU Variants Improve Transformer"), which makes it the
+    transformer block of latent diffusion / Stable Diffusion (Rombach et al. 2022); 0, ADM's and
+    GLIDE's block, has none.
 
     ``context_mask`` (N, L) is True for real tokens; padding is masked out, image tokens never.
     """
 
     def __init__(self, channels: int, head_channels: int = 64, context_dim: int | None = None,
-                 context_mode: str = "concat_kv", groups: int = 32):
+                 context_mode: str = "concat_kv", groups: int = 32, ff_mult: int = 0):
         super().__init__()
         if context_mode not in CONTEXT_MODES:
             raise ValueError(f"context_mode must be one of {CONTEXT_MODES}, got {context_mode!r}")
+        if ff_mult < 0:
+            raise ValueError(f"ff_mult must be >= 0, got {ff_mult}")
         self.heads = max(1, channels // head_channels)
         if channels % self.heads:
             raise ValueError(f"{channels} channels do not split into heads of {head_channels}")
@@ -162,6 +168,13 @@ class AttentionBlock(nn.Module):
                 "kv": nn.Linear(context_dim, 2 * channels),
                 "proj": _zero(nn.Linear(channels, channels)),
             })
+        self.ff = None
+        if ff_mult > 0:
+            self.ff = nn.ModuleDict({
+                "norm": nn.LayerNorm(channels),
+                "proj": nn.Linear(channels, 2 * ff_mult * channels),  # value and gate halves
+                "out": _zero(nn.Linear(ff_mult * channels, channels)),
+            })
 
     def forward(self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
         shape = x.shape
@@ -175,13 +188,19 @@ class AttentionBlock(nn.Module):
                 mask = F.pad(context_mask.bool(), (0, q.shape[2]), value=True)[:, None, None]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + _to_image(self.proj(_merge(y, shape)), shape)
-        if self.cross is None or context is None:
-            return x
+        if self.cross is not None and context is not None:
+            x = self._cross_attention(x, context, context_mask)
+        if self.ff is not None:
+            h, gate = self.ff["proj"](self.ff["norm"](x.flatten(2).transpose(1, 2))).chunk(2, dim=-1)
+            x = x + _to_image(self.ff["out"](h * F.gelu(gate)), shape)
+        return x
 
+    def _cross_attention(self, x: Tensor, context: Tensor, context_mask: Tensor | None) -> Tensor:
+        shape = x.shape
         tokens = self.cross["norm"](x).flatten(2).transpose(1, 2)
         (q,) = _heads(self.cross["q"](tokens), 1, self.heads)
         k, v = _heads(self.cross["kv"](context), 2, self.heads)
-        keep = None
+        keep = mask = None
         if context_mask is not None:
             # a sample with no real token would give a softmax over nothing (NaN): let it attend
             # to its padding and drop the result instead
@@ -205,7 +224,8 @@ class UNet(nn.Module):
     bottom/right and the output cropped back. ``context_dim``, ``pooled_dim`` and ``num_classes``
     add the token, pooled-vector and class conditionings; a conditioning left as None in
     ``forward`` is skipped (the unconditional path of classifier-free guidance passes its own
-    null inputs instead, as GLIDE does with empty captions).
+    null inputs instead, as GLIDE does with empty captions). ``ff_mult`` > 0 gives every attention
+    block a GEGLU feed-forward (latent diffusion's transformer block; see ``AttentionBlock``).
     """
 
     shard_units = (ResBlock, AttentionBlock)
@@ -216,7 +236,7 @@ class UNet(nn.Module):
                  dropout: float = 0.0, context_dim: int | None = None, context_mode: str = "concat_kv",
                  pooled_dim: int | None = None, num_classes: int | None = None,
                  scale_shift_norm: bool = True, resblock_updown: bool = True, groups: int = 32,
-                 time_embed_mult: int = 4, checkpoint: bool = False):
+                 time_embed_mult: int = 4, checkpoint: bool = False, ff_mult: int = 0):
         super().__init__()
         levels = len(channel_mult)
         if levels < 1:
@@ -239,7 +259,7 @@ class UNet(nn.Module):
             return ResBlock(cin, cout, emb_dim, dropout, scale_shift_norm, groups, **updown)
 
         def attn(ch: int) -> AttentionBlock:
-            return AttentionBlock(ch, head_channels, context_dim, context_mode, groups)
+            return AttentionBlock(ch, head_channels, context_dim, context_mode, groups, ff_mult)
 
         ch = channel_mult[0] * channels
         self.input_conv = nn.Conv2d(in_channels, ch, 3, padding=1)
