@@ -120,8 +120,10 @@ class ResBlock(nn.Module):
 def _heads(t: Tensor, n: int, heads: int) -> tuple[Tensor, ...]:
     """(N, L, n*C) tokens -> n tensors (N, heads, L, C/heads) with the head dim contiguous, as
     the fused SDPA kernels want."""
-    b, length, width = t.shape
-    return t.view(b, length, n, heads, width // (n * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    # chunk, not a view + unbind: SDPA's gradients come back token-major, so chunk's backward (one
+    # cat) lands them in the linear's layout, where unbind's stack needs a second copy
+    b, length = t.shape[:2]
+    return tuple(part.view(b, length, heads, -1).transpose(1, 2) for part in t.chunk(n, dim=-1))
 
 
 def _merge(y: Tensor, shape: torch.Size) -> Tensor:
