@@ -609,6 +609,22 @@ def report(args, models: list[str], runs: dict, ratios: dict, info: dict, meta: 
                 cells.append(f"{statistics.median(v[0] for v in values) * 1e3:.1f} "
                              f"({statistics.median(v[1] for v in values) * 1e3:.1f})" if values else "—")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    def cpu(model: str, side: str, name: str) -> float:
+        return statistics.median(r["phases"][name][1] for r in runs[model][side])
+
+    own = []
+    for m in models:
+        work = cpu(m, "kiln", "between steps") + cpu(m, "kiln", "of which self.log") - cpu(m, "bare", "between steps")
+        step = statistics.median(c for r in runs[m]["kiln"] for c in r["cpu_s"])
+        ema = cpu(m, "kiln", "of which EMA")
+        own.append(f"{m} {work * 1e3:.1f} ms ({work / step:.1%} of its step's CPU)"
+                   + (f", plus the EMA update {ema * 1e3:.1f} ms ({ema / step:.1%})" if ema else ""))
+    lines += ["", "Lightning's and kiln's own work per step, in CPU time (between steps and `self.log`, less the bare "
+              "loop's between steps): " + "; ".join(own) + ". The rest of any gap is in forward, backward and "
+              "update, the same kernels on both sides: contention from the other jobs, and from the progress "
+              "bar's render thread (\"Thread\" in the per-thread CPU above; it renders at most once a second, "
+              "so once per step when steps take longer)."]
     return "\n".join(lines) + "\n"
 
 
