@@ -15,7 +15,8 @@ bench/.venv-diffusers, which this script creates when missing (with the torch ve
 calling interpreter, so both sides run the same kernels); kiln's side runs under the calling
 python. Every run is a fresh process, so each side's peak memory is its own; the sides alternate
 (kiln, diffusers, kiln, diffusers, ...) and each round's ratio compares the two runs of that
-round. Both sides get the same `torch.set_num_threads` (and OMP_NUM_THREADS).
+round. Both sides get the same `torch.set_num_threads` (and OMP_NUM_THREADS), and
+OMP_WAIT_POLICY=PASSIVE (what `kiln` sets).
 
 --write replaces the "Diffusion U-Net" section of BENCHMARKS.md (or appends it) with the table,
 the configurations, the command, machine, date and versions, and a short profile of each side.
@@ -42,18 +43,19 @@ SECTION = "## Diffusion U-Net"
 SIZE, TOKENS, CONTEXT_DIM = 32, 16, 128
 SIDES = ("kiln", "diffusers")
 
-# Both: resolutions 32, 16, 8 px at widths 32, 64, 128; 32 channels per head; stride-2 conv down,
-# nearest + conv up; the timestep embedding as GroupNorm scale and shift; self- then
-# cross-attention after every res block at 16 and 8 px and in the middle. They differ in the
-# attention block: diffusers' transformer block adds a GEGLU feed-forward (4x) and linear
-# projections in and out, about 20 C^2 parameters against kiln's 6 C^2. kiln spends that budget on
-# one more res block (with its attention block) at 16 and at 8 px, 3 and 3 where diffusers has 2
-# and 2, and on a wider timestep embedding (6 x 32 against 4 x 32), which brings the parameters
-# and FLOPs level (searched over per-level block counts and embedding widths at these widths).
+# Both: resolutions 32, 16, 8 px at widths 32, 64, 128; two res blocks per level down, three up;
+# 32 channels per head; stride-2 conv down, nearest + conv up; the timestep embedding as GroupNorm
+# scale and shift; a transformer block (self-attention, cross-attention, GEGLU feed-forward) after
+# every res block at 16 and 8 px and in the middle, so the two correspond layer for layer but for
+# one difference: diffusers' transformer block also has linear projections in and out (2 C^2 per
+# token, parameters and FLOPs), which kiln's block lacks. kiln spends that budget on a wider
+# feed-forward (5x where diffusers has 4x: 3 C^2 more per token, matmuls for matmuls) and gives a
+# little back with a narrower timestep embedding (3 x 32 against 4 x 32, parameters only). With a
+# 4x feed-forward kiln would have 0.972 of diffusers' FLOPs.
 CONFIGS = {
-    "kiln": dict(in_channels=3, out_channels=3, channels=32, channel_mult=(1, 2, 4), num_res_blocks=(2, 3, 3),
-                 time_embed_mult=6, attention_levels=(1, 2), head_channels=32, context_dim=CONTEXT_DIM,
-                 context_mode="cross", resblock_updown=False, scale_shift_norm=True),
+    "kiln": dict(in_channels=3, out_channels=3, channels=32, channel_mult=(1, 2, 4), num_res_blocks=2,
+                 time_embed_mult=3, attention_levels=(1, 2), head_channels=32, context_dim=CONTEXT_DIM,
+                 context_mode="cross", ff_mult=5, resblock_updown=False, scale_shift_norm=True),
     "diffusers": dict(sample_size=SIZE, in_channels=3, out_channels=3, block_out_channels=(32, 64, 128),
                       layers_per_block=2,
                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -200,7 +202,9 @@ def venv_python(torch_version: str) -> str:
 
 
 def run_child(python: str, spec: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+    # Passive OpenMP waits, as `kiln` sets them: spinning threads on busy cores starve everything else.
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1",
+               HF_HUB_DISABLE_TELEMETRY="1")
     out = subprocess.run([python, os.path.abspath(__file__), "--_run", json.dumps(spec)], env=env, cwd=REPO,
                          capture_output=True, text=True)
     if out.returncode:
@@ -250,11 +254,13 @@ def report(args, info: dict, runs: dict, ratios: list[float], profiles: dict, me
         "backward, AdamW step (lr 1e-4, torch defaults). One fixed batch, the same on both sides: "
         f"{batch} images of 3x{SIZE}x{SIZE}, a timestep per sample, a text context of {TOKENS} tokens x "
         f"{CONTEXT_DIM} dims without padding mask. The networks are sized to match in parameters and FLOPs: "
-        "same resolutions and widths, same attention placement (self- then cross-attention, kiln's "
-        "`context_mode=\"cross\"`), 32 channels per head; diffusers' transformer blocks carry a GEGLU "
-        "feed-forward and linear projections that kiln's attention blocks lack, so kiln has one more res "
-        "block (with its attention block) at 16 and at 8 px and a wider timestep embedding. Each run is a "
-        "fresh process (diffusers' under bench/.venv-diffusers, same torch); the sides alternate, "
+        "same resolutions, widths and res blocks per level, the same transformer block after each res "
+        "block at 16 and 8 px and in the middle (self-attention, cross-attention, GEGLU feed-forward; "
+        "kiln's `context_mode=\"cross\"`, `ff_mult`), 32 channels per head. diffusers' transformer "
+        "block also has linear projections in and out, which kiln's lacks; kiln's feed-forward is wider "
+        "instead (5x against 4x) and its timestep embedding narrower. Each run is a "
+        "fresh process (diffusers' under bench/.venv-diffusers, same torch), with OMP_WAIT_POLICY=PASSIVE "
+        "(what `kiln` sets); the sides alternate, "
         f"{args.rounds} rounds of {args.warmup} warm-up and {args.steps} timed steps each.", "",
         f"- **kiln**: `{call('kiln')}`",
         f"- **diffusers**: `{call('diffusers')}`", "",
