@@ -324,7 +324,11 @@ class _EpochLoader(DataLoader):
     (workers copy the dataset then)."""
 
     def __init__(self, dataset: ShardPipeline, start: Callable[[], tuple[int, dict | None]], **kwargs):
-        super().__init__(dataset, batch_size=None, **kwargs)
+        # The pipeline seeds itself (`seed`, epoch, rank, worker, position). Its own generator keeps
+        # each new iterator's base-seed draw off the global one that training draws from: a
+        # mid-epoch resume creates one more iterator than the uninterrupted run did.
+        generator = torch.Generator().manual_seed(dataset.seed)
+        super().__init__(dataset, batch_size=None, generator=generator, **kwargs)
         self.start = start
 
     def __iter__(self):
