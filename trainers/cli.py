@@ -42,7 +42,7 @@ from kiln.launch.env import in_slurm_job, under_torchrun
 from kiln.trainers.preemption import Preemption
 from kiln.trainers.rng import RandomState
 from kiln.trainers.samples import SampleGrid
-from kiln.trainers.strategies import ParameterSharding
+from kiln.trainers.strategies import ParameterSharding, for_module
 from kiln.trainers.run_dir import (AtomicCheckpointIO, JsonlLogger, LastCheckpoint, RunDirectory, default_run_dir,
                                    is_url, wandb_run_id)
 
@@ -137,6 +137,10 @@ class KilnCLI(LightningCLI):
         if in_slurm_job() and not under_torchrun():  # srun tasks; kiln's Preemption callback requeues
             plugins.append(SLURMEnvironment(auto_requeue=False))
         trainer_cfg["plugins"] = plugins
+        # What the family declares for DDP (a GAN's phases leave the other network without gradients).
+        trainer_cfg["strategy"] = for_module(trainer_cfg.get("strategy", "auto"), self.model,
+                                             trainer_cfg.get("accelerator", "auto"), trainer_cfg.get("devices", "auto"),
+                                             trainer_cfg.get("num_nodes", 1))
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         return self._instantiate_trainer(trainer_cfg, [*extra, *callbacks])
 

@@ -7,7 +7,9 @@
     zero3.yaml  DeepSpeed ZeRO-3: parameters sharded too
 
 Families declare their shard units with `shard_units()` (the transformer block, the U-Net's
-residual block); FSDP2 shards each one and activation checkpointing wraps the same blocks.
+residual block); FSDP2 shards each one and activation checkpointing wraps the same blocks. A
+family's training may declare more: `find_unused_parameters` (a backward that reaches only part
+of the model, as a GAN's phases do), which `for_module` builds DDP with.
 Sharded strategies write checkpoints through `kiln.trainers.sharded`: shards on any fsspec URL,
 a pointer written last and atomically, and nothing unpickled on the way back.
 """
@@ -100,6 +102,45 @@ class Compile(L.Callback):
         for sub in pl_module.modules():
             if isinstance(sub, units):
                 sub.compile(backend=self.backend, mode=self.mode)
+
+
+# Lightning's DDP strategy names and how each starts its processes (lightning.pytorch.strategies.ddp).
+_DDP_NAMES = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}
+
+
+def for_module(strategy: Any, module: type | nn.Module, accelerator: Any = "auto", devices: Any = "auto",
+               num_nodes: int = 1) -> Any:
+    """The Trainer's `strategy` for this family: a DDP strategy given by name (or "auto" where
+    Lightning would pick DDP) is built with what the family declares (`find_unused_parameters`);
+    anything else is returned as it is (a strategy built from a config's class_path keeps the
+    settings written there)."""
+    if not getattr(module, "find_unused_parameters", False) or not isinstance(strategy, str):
+        return strategy
+    if strategy == "auto" and _processes(accelerator, devices, num_nodes) > 1:
+        strategy = "ddp"
+    if strategy not in _DDP_NAMES:
+        return strategy
+    return DDPStrategy(start_method=_DDP_NAMES[strategy], find_unused_parameters=True)
+
+
+def _processes(accelerator: Any, devices: Any, num_nodes: int) -> int:
+    """How many processes Lightning starts for these trainer settings (what "auto" picks DDP on)."""
+    if isinstance(devices, (list, tuple)):
+        per_node = len(devices)
+    elif isinstance(devices, int) or (isinstance(devices, str) and devices.lstrip("-").isdigit()):
+        per_node = int(devices)
+        if per_node == -1:  # every device of the accelerator
+            per_node = _devices_here(accelerator)
+    else:  # "auto"
+        per_node = _devices_here(accelerator)
+    return per_node * max(1, int(num_nodes or 1))
+
+
+def _devices_here(accelerator: Any) -> int:
+    """What devices "auto" (or -1) comes to: every CUDA device where CUDA is asked for and present;
+    on the CPU, one process."""
+    cuda = accelerator in ("gpu", "cuda", "auto") if isinstance(accelerator, str) else type(accelerator).__name__ == "CUDAAccelerator"
+    return torch.cuda.device_count() if cuda and torch.cuda.is_available() else 1
 
 
 def _dtype(name: str | None) -> torch.dtype | None:

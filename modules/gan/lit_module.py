@@ -77,6 +77,9 @@ class AdversarialModule(L.LightningModule):
     """
 
     ema_target = "generator"
+    # Declared to kiln.trainers.strategies: each phase's backward reaches one network only, so DDP
+    # must look for parameters without gradients (else it waits for them and fails at the next step).
+    find_unused_parameters = True
 
     def __init__(self, loss: GanLoss = "hinge", lr_g: float = 2e-4, lr_d: float = 2e-4,
                  betas_g: tuple[float, float] = (0.0, 0.999), betas_d: tuple[float, float] = (0.0, 0.999),
@@ -232,15 +235,6 @@ class AdversarialModule(L.LightningModule):
 
     def _lazy_interval(self, network: str) -> int | None:
         return next((p.interval for p in self.phases() if p.network == network and p.name.endswith("reg")), None)
-
-    def setup(self, stage: str) -> None:
-        # Each phase's backward reaches one network only, so DDP must not wait for gradients of
-        # the other (it would hang, then fail at the next step): it has to look for unused ones.
-        from lightning.pytorch.strategies import DDPStrategy
-
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, DDPStrategy):
-            strategy._ddp_kwargs["find_unused_parameters"] = True
 
 
 def _size(batch: dict) -> int:
