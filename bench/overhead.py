@@ -99,6 +99,12 @@ def _thread_split(before: dict, after: dict) -> dict[str, float]:
     return split
 
 
+def _rusage() -> list[int]:
+    """Minor page faults, voluntary and involuntary context switches of this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return [r.ru_minflt, r.ru_nvcsw, r.ru_nivcsw]
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch
@@ -221,6 +227,7 @@ class StepClock(L.Callback):
         if len(self.wall) == self.warmup + 1:
             self.threads_before = _thread_cpu()
             self.log_before, self.ema_before = list(self.log_s), list(self.ema_s)
+            self.rusage_before = _rusage()
 
     def on_train_end(self, trainer, pl_module) -> None:
         split = _thread_split(self.threads_before, _thread_cpu())
@@ -229,7 +236,7 @@ class StepClock(L.Callback):
         phases["of which self.log"] = [(a - b) / steps for a, b in zip(self.log_s, self.log_before)]
         phases["of which EMA"] = [(a - b) / steps for a, b in zip(self.ema_s, self.ema_before)]
         result = {"stamps_wall": self.wall, "stamps_cpu": self.cpu, "loss0": self.loss0, "thread_cpu_s": split,
-                  "phases": phases, "rss_before_step_mib": self.rss_before, "peak_rss_mib": _peak_rss_mib(),
+                  "phases": phases, "rusage_per_step": [(a - b) / steps for a, b in zip(_rusage(), self.rusage_before)], "rss_before_step_mib": self.rss_before, "peak_rss_mib": _peak_rss_mib(),
                   "threads": self.threads, "callbacks": self.callbacks, "loggers": self.loggers,
                   "precision": self.precision}
         with open(self.out, "w", encoding="utf-8") as f:
@@ -321,10 +328,11 @@ def run_bare(spec: dict) -> dict:
         if loss0 is None:
             loss0 = float(loss)
         if i == spec["warmup"]:
-            threads_before = _thread_cpu()
+            threads_before, rusage_before = _thread_cpu(), _rusage()
     split = _thread_split(threads_before, _thread_cpu())
+    rusage = [(a - b) / spec["steps"] for a, b in zip(_rusage(), rusage_before)]
     out = {"stamps_wall": wall, "stamps_cpu": cpu, "loss0": loss0, "rss_before_step_mib": rss_before,
-           "thread_cpu_s": split, "phases": marks.phases(spec["warmup"]),
+           "thread_cpu_s": split, "phases": marks.phases(spec["warmup"]), "rusage_per_step": rusage,
            "peak_rss_mib": _peak_rss_mib(), "threads": torch.get_num_threads()}
     if _ema_callbacks(config):  # what kiln's EMA callback adds per step, timed alone
         from kiln.trainers.ema import _local
@@ -579,7 +587,9 @@ def report(args, models: list[str], runs: dict, ratios: dict, info: dict, meta: 
             f"CPU time per step (every thread of the process), kiln / bare: {cpu_ratio:.3f} (bare over kiln, "
             "median of the rounds). Per timed step, by thread: " + "; ".join(
                 f"{side}: " + ", ".join(f"{name} {ms:.1f} ms" for name, ms in threads[side].items())
-                for side in SIDES) + ".", ""]
+                for side in SIDES) + ". Per step, minor page faults / voluntary / involuntary context switches: "
+            + "; ".join(f"{side} " + " / ".join(f"{statistics.median(r['rusage_per_step'][i] for r in runs[model][side]):.0f}"
+                                                for i in range(3)) for side in SIDES) + ".", ""]
     lines += [
         "1-minute load average as each run started: " + "; ".join(
             f"{model}: " + ", ".join(f"{r['load1_before']:.2f}" for pair in zip(runs[model]["kiln"], runs[model]["bare"])
