@@ -8,8 +8,9 @@
 
 Families declare their shard units with `shard_units()` (the transformer block, the U-Net's
 residual block); FSDP2 shards each one and activation checkpointing wraps the same blocks. A
-family's training may declare more: `find_unused_parameters` (a backward that reaches only part
-of the model, as a GAN's phases do), which `for_module` builds DDP with.
+family's training may declare more (`for_module` and `FSDP2` read them): `find_unused_parameters`
+(a backward that reaches only part of the model, as a GAN's phases do) and `double_backward`
+(losses that backpropagate through a gradient, as R1 does).
 Sharded strategies write checkpoints through `kiln.trainers.sharded`: shards on any fsspec URL,
 a pointer written last and atomically, and nothing unpickled on the way back.
 """
@@ -163,6 +164,7 @@ class FSDP2(ModelParallelStrategy):
         super().__init__(timeout=timedelta(seconds=timeout_s), **kwargs)
         self.reshard_after_forward = reshard_after_forward
         self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
+        self._keep_gathered: list[nn.Module] = []  # units whose weights outlive a backward (`parallelize`)
 
     def setup_environment(self) -> None:
         # Pure data parallel: every rank is a data-parallel rank (no tensor parallelism).
@@ -180,7 +182,8 @@ class FSDP2(ModelParallelStrategy):
         module.configure_model = configure_model
 
     def parallelize(self, module: L.LightningModule) -> None:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+        from torch.distributed.tensor import DTensor
 
         units = shard_units(module)
         if not units:
@@ -191,10 +194,28 @@ class FSDP2(ModelParallelStrategy):
         for sub in list(module.modules()):
             if isinstance(sub, units):
                 fully_shard(sub, **kwargs)
-        # What is left (embeddings, norms, heads): one unit per top-level child.
+        # What is left (embeddings, norms, heads): one unit per network a family runs on its own
+        # (`components()`: a GAN calls its generator and discriminator, never the pair), then one
+        # per top-level child for whatever those leave. A unit gathers its weights only when its
+        # own forward runs, so a network called on its own needs its own unit.
         for child in module.children():
-            if any(True for _ in child.parameters()):
-                fully_shard(child, **kwargs)
+            networks = child.components().values() if callable(getattr(child, "components", None)) else ()
+            for net in (*networks, child):
+                if any(not isinstance(p, DTensor) for p in net.parameters()):
+                    fully_shard(net, **kwargs)
+        # A backward through a gradient (create_graph) reuses the weights the first backward
+        # gathered: FSDP2 must not free them when that first backward ends (pytorch#172543). They
+        # are let go after each outer backward instead (`post_backward`), before any optimizer step.
+        self._keep_gathered = []
+        if getattr(module, "double_backward", False):
+            self._keep_gathered = [m for m in module.modules() if isinstance(m, FSDPModule)]
+            for unit in self._keep_gathered:
+                unit.set_reshard_after_backward(False, recurse=False)
+
+    def post_backward(self, closure_loss: torch.Tensor) -> None:
+        super().post_backward(closure_loss)
+        for unit in self._keep_gathered:
+            unit.reshard()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any = None) -> None:
         import torch.distributed.checkpoint as dcp
