@@ -103,6 +103,7 @@ def test_the_gan_phases_observe_reals_and_log_p():
     class Augmented(ToyGAN):
         def discriminate(self, images, condition):
             seen.append(self.augment.p.item())
+            images = torch.cat(images) if isinstance(images, tuple) else images  # Dmain: (reals, fakes)
             return self.discriminator(self.augment(images.view(-1, 1, 2, 2)).flatten(1)).squeeze(1)
 
     seen: list[float] = []

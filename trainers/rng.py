@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.seed import reset_seed
 
 
 def _capture() -> dict[str, Any]:
@@ -40,6 +41,11 @@ class RandomState(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer = trainer
+        # Lightning re-seeds every process it starts for DDP/FSDP2/DeepSpeed, after the model was
+        # built, but not a single process, whose generators the model's initialisation has moved
+        # on. Seeding here too starts training's draws from the seed at any world size (a resume
+        # then restores its own state over this).
+        reset_seed()
 
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer

@@ -113,15 +113,17 @@ class BigGANModule(AdversarialModule):
     def fake(self, batch: dict, n: int) -> tuple[Tensor, Tensor]:
         # Conditioned on the real batch's classes: a fake for each real, class for class.
         labels = batch["label"][:n]
-        z = torch.randn(len(labels), self.hparams.dim_z, device=self.device)
-        return self.generator(z, labels), labels
+        return self.generator(self.randn(len(labels), self.hparams.dim_z), labels), labels
 
     def has_generator_regulariser(self) -> bool:
         return self.hparams.orth_reg > 0
 
     def generator_regulariser(self, batch: dict) -> Tensor:
-        # Every weight matrix of G but the shared embedding (the paper's code exempts it).
-        weights = [p for name, p in self.generator.named_parameters() if p.ndim >= 2 and not name.startswith("shared.")]
+        # Every weight matrix of G but the shared embedding (the paper's code exempts it), whole:
+        # under FSDP2 a weight read outside a forward is this rank's rows (a DTensor), which the
+        # penalty cannot split; gathering it is differentiable, each rank's rows take their share.
+        weights = [p.full_tensor() if hasattr(p, "full_tensor") else p
+                   for name, p in self.generator.named_parameters() if p.ndim >= 2 and not name.startswith("shared.")]
         return orthogonal_regularisation(weights, self.hparams.orth_reg)
 
     # -- sampling --------------------------------------------------------------------------------

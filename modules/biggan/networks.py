@@ -67,7 +67,12 @@ class SelfAttention(nn.Module):
         self.phi = sn_conv(channels, channels // 8, 1, bias=False)
         self.g = sn_conv(channels, channels // 2, 1, bias=False)
         self.o = sn_conv(channels // 2, channels, 1, bias=False)
-        self.gamma = nn.Parameter(torch.zeros(()))
+        self.gamma = nn.Parameter(torch.zeros(1))  # 1-D: FSDP2 shards no 0-d parameter
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        if (gamma := state_dict.get(prefix + "gamma")) is not None and gamma.dim() == 0:
+            state_dict[prefix + "gamma"] = gamma.reshape(1)  # written while gamma was a 0-d tensor
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape

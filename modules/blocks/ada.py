@@ -22,7 +22,7 @@ at 0. p and the running sums are buffers, so checkpoints save them and a resumed
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,8 @@ GEOM = ("scale", "rotate", "aniso", "xfrac")
 COLOR = ("brightness", "contrast", "lumaflip", "hue", "saturation")
 OPS = BLIT + GEOM + COLOR
 PRESETS = {"b": BLIT, "bg": BLIT + GEOM, "bgc": OPS, "c": COLOR}
+Share = tuple[int, int]  # (index, count): which of `count` equal shares of a batch the images are
+_Source = tuple["torch.Generator | None", Share]
 
 # The paper's strengths (appendix B): uniform ranges and log2 standard deviations.
 XINT_MAX, SCALE_STD, ROTATE_MAX, ANISO_STD, XFRAC_STD = 0.125, 0.2, 1.0, 0.2, 0.125
@@ -121,13 +123,17 @@ class AdaptiveAugment(nn.Module):
 
     # -- the controller --------------------------------------------------------------------------
     @torch.no_grad()
-    def observe(self, real_logits: Tensor) -> None:
-        self.signs += torch.stack([real_logits.sign().sum().double(), real_logits.new_tensor(real_logits.numel()).double()])
+    def observe(self, real_logits: Tensor, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Add D's signs on real images to the running sums. `reduce` sums a (sum, count) pair over
+        ranks: every rank then holds the sums over all ranks' images, so a checkpoint (which saves one
+        rank's buffers) keeps them whole and DDP's broadcast of rank 0's buffers changes nothing."""
+        tally = torch.stack([real_logits.sign().sum().double(), real_logits.new_tensor(real_logits.numel()).double()])
+        self.signs += tally if reduce is None else reduce(tally)
 
     @torch.no_grad()
     def adjust(self, signs: Tensor | None = None) -> float:
         """Move p by sign(r_t - target) * images / (kimg * 1000) and start a new count; `signs`
-        is the (sum, count) pair to use (the sum over ranks), default this process's. Returns r_t."""
+        is the (sum, count) pair to use, default the running sums. Returns r_t."""
         total, count = (self.signs if signs is None else signs).tolist()
         self.signs.zero_()
         if count == 0:
@@ -139,20 +145,33 @@ class AdaptiveAugment(nn.Module):
         return r_t
 
     # -- the pipeline ----------------------------------------------------------------------------
-    def _draw(self, name: str, n: int, like: Tensor, generator: torch.Generator | None, p: float | None = None) -> Tensor:
+    # Every draw is per image. `source` is (generator, share): the images are share `index` of
+    # `count` equal shares of one batch (a rank's part of the global batch). Each draw is made for
+    # the whole batch and this share's images keep theirs, so a batch split over ranks is augmented
+    # as one process would augment it whole, and no two ranks give their images the same draws.
+    def _draw(self, name: str, n: int, like: Tensor, source: _Source, p: float | None = None) -> Tensor:
         """A per-sample mask: which images get op `name` (probability p, or this module's)."""
         p = float(self.p) if p is None else p
-        return (torch.rand(n, generator=generator, device=like.device) < p) & (name in self.ops)
+        generator, (index, count) = source
+        u = torch.rand(count * n, generator=generator, device=like.device)[index * n:(index + 1) * n]
+        return (u < p) & (name in self.ops)
 
-    def _rand(self, n: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
-        return torch.rand(n, generator=generator, device=like.device, dtype=like.dtype)
+    def _rand(self, n: int, like: Tensor, source: _Source, rows: int = 1) -> Tensor:
+        """Uniform draws, (n,) or (rows, n)."""
+        generator, (index, count) = source
+        u = torch.rand(rows, count * n, generator=generator, device=like.device, dtype=like.dtype)
+        return u[:, index * n:(index + 1) * n].squeeze(0)
 
-    def _randn(self, n: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
-        return torch.randn(n, generator=generator, device=like.device, dtype=like.dtype)
+    def _randn(self, n: int, like: Tensor, source: _Source, rows: int = 1) -> Tensor:
+        """Normal draws, (n,) or (rows, n)."""
+        generator, (index, count) = source
+        x = torch.randn(rows, count * n, generator=generator, device=like.device, dtype=like.dtype)
+        return x[:, index * n:(index + 1) * n].squeeze(0)
 
-    def geometry(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def geometry(self, images: Tensor, generator: torch.Generator | None = None, share: Share = (0, 1)) -> Tensor:
         """(N, 3, 3): output pixel -> input pixel (pixel units, origin at the image centre)."""
         n, _, h, w = images.shape
+        source = (generator, share)
         like = images.new_zeros(n)
         G = _eye(3, n, like)
         one = torch.ones_like(like)
@@ -162,57 +181,60 @@ class AdaptiveAugment(nn.Module):
 
         # Each is drawn for every image (so the draws do not depend on which ops are on), then
         # kept where the image's mask says so. Inverse transforms, composed as the paper's code does.
-        flip = torch.floor(self._rand(n, like, generator) * 2)
-        G = G @ _scale2d(where(self._draw("xflip", n, like, generator), 1 - 2 * flip, one), one)
-        quarter = torch.floor(self._rand(n, like, generator) * 4)
-        G = G @ _rotate2d(where(self._draw("rotate90", n, like, generator), -math.pi / 2 * quarter, like))
-        t = (self._rand(2 * n, like, generator) * 2 - 1).view(2, n) * XINT_MAX
-        mask = self._draw("xint", n, like, generator)
+        flip = torch.floor(self._rand(n, like, source) * 2)
+        G = G @ _scale2d(where(self._draw("xflip", n, like, source), 1 - 2 * flip, one), one)
+        quarter = torch.floor(self._rand(n, like, source) * 4)
+        G = G @ _rotate2d(where(self._draw("rotate90", n, like, source), -math.pi / 2 * quarter, like))
+        t = (self._rand(n, like, source, rows=2) * 2 - 1) * XINT_MAX
+        mask = self._draw("xint", n, like, source)
         G = G @ _translate2d(where(mask, -torch.round(t[0] * w), like), where(mask, -torch.round(t[1] * h), like))
-        s = torch.exp2(self._randn(n, like, generator) * SCALE_STD)
-        s = where(self._draw("scale", n, like, generator), s, one)
+        s = torch.exp2(self._randn(n, like, source) * SCALE_STD)
+        s = where(self._draw("scale", n, like, source), s, one)
         G = G @ _scale2d(1 / s, 1 / s)
         # Rotation twice, around the anisotropic scaling, each with 1 - sqrt(1 - p): together the
         # probability that an image is rotated at all is p (the paper's code).
         p_rot = 1 - math.sqrt(max(0.0, 1 - min(float(self.p), 1.0)))
-        theta = (self._rand(n, like, generator) * 2 - 1) * math.pi * ROTATE_MAX
-        G = G @ _rotate2d(where(self._draw("rotate", n, like, generator, p_rot), -theta, like))
-        s = torch.exp2(self._randn(n, like, generator) * ANISO_STD)
-        mask = self._draw("aniso", n, like, generator)
+        theta = (self._rand(n, like, source) * 2 - 1) * math.pi * ROTATE_MAX
+        G = G @ _rotate2d(where(self._draw("rotate", n, like, source, p_rot), -theta, like))
+        s = torch.exp2(self._randn(n, like, source) * ANISO_STD)
+        mask = self._draw("aniso", n, like, source)
         G = G @ _scale2d(where(mask, 1 / s, one), where(mask, s, one))
-        theta = (self._rand(n, like, generator) * 2 - 1) * math.pi * ROTATE_MAX
-        G = G @ _rotate2d(where(self._draw("rotate", n, like, generator, p_rot), -theta, like))
-        t = self._randn(2 * n, like, generator).view(2, n) * XFRAC_STD
-        mask = self._draw("xfrac", n, like, generator)
+        theta = (self._rand(n, like, source) * 2 - 1) * math.pi * ROTATE_MAX
+        G = G @ _rotate2d(where(self._draw("rotate", n, like, source, p_rot), -theta, like))
+        t = self._randn(n, like, source, rows=2) * XFRAC_STD
+        mask = self._draw("xfrac", n, like, source)
         return G @ _translate2d(where(mask, -t[0] * w, like), where(mask, -t[1] * h, like))
 
-    def color(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def color(self, images: Tensor, generator: torch.Generator | None = None, share: Share = (0, 1)) -> Tensor:
         """(N, 4, 4) acting on homogeneous RGB in [-1, 1]."""
         n = len(images)
+        source = (generator, share)
         like = images.new_zeros(n)
         one = torch.ones_like(like)
         C = _eye(4, n, like)
-        b = self._randn(n, like, generator) * BRIGHTNESS_STD
-        C = _translate3d(torch.where(self._draw("brightness", n, like, generator), b, like)) @ C
-        c = torch.exp2(self._randn(n, like, generator) * CONTRAST_STD)
-        C = _scale3d(torch.where(self._draw("contrast", n, like, generator), c, one)) @ C
+        b = self._randn(n, like, source) * BRIGHTNESS_STD
+        C = _translate3d(torch.where(self._draw("brightness", n, like, source), b, like)) @ C
+        c = torch.exp2(self._randn(n, like, source) * CONTRAST_STD)
+        C = _scale3d(torch.where(self._draw("contrast", n, like, source), c, one)) @ C
         vv = _luma_outer(like)
-        flip = torch.floor(self._rand(n, like, generator) * 2)
-        flip = torch.where(self._draw("lumaflip", n, like, generator), flip, like)
+        flip = torch.floor(self._rand(n, like, source) * 2)
+        flip = torch.where(self._draw("lumaflip", n, like, source), flip, like)
         C = (_eye(4, n, like) - 2 * vv * flip[:, None, None]) @ C
-        theta = (self._rand(n, like, generator) * 2 - 1) * math.pi * HUE_MAX
-        C = _rotate3d_luma(torch.where(self._draw("hue", n, like, generator), theta, like)) @ C
-        s = torch.exp2(self._randn(n, like, generator) * SATURATION_STD)
-        s = torch.where(self._draw("saturation", n, like, generator), s, one)[:, None, None]
+        theta = (self._rand(n, like, source) * 2 - 1) * math.pi * HUE_MAX
+        C = _rotate3d_luma(torch.where(self._draw("hue", n, like, source), theta, like)) @ C
+        s = torch.exp2(self._randn(n, like, source) * SATURATION_STD)
+        s = torch.where(self._draw("saturation", n, like, source), s, one)[:, None, None]
         return (vv + (_eye(4, n, like) - vv) * s) @ C
 
-    def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Augmented images (N, C, H, W) in the input's range; p == 0 returns the input itself."""
+    def forward(self, images: Tensor, generator: torch.Generator | None = None, share: Share = (0, 1)) -> Tensor:
+        """Augmented images (N, C, H, W) in the input's range; p == 0 returns the input itself.
+        `share` = (index, count): the images are share `index` of `count` equal shares of one batch
+        (this rank's part of the global batch; see `_draw`)."""
         if float(self.p) == 0:
             return images
         n, channels, h, w = images.shape
         if self.ops & set(BLIT + GEOM):
-            G = self.geometry(images, generator)
+            G = self.geometry(images, generator, share)
             # pixel units -> affine_grid's normalised units ([-1, 1] across the image)
             to_norm = _scale2d(images.new_full((n,), 2 / w), images.new_full((n,), 2 / h))
             from_norm = _scale2d(images.new_full((n,), w / 2), images.new_full((n,), h / 2))
@@ -220,7 +242,7 @@ class AdaptiveAugment(nn.Module):
             grid = F.affine_grid(theta, list(images.shape), align_corners=False)
             images = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         if self.ops & set(COLOR):
-            C = self.color(images, generator)
+            C = self.color(images, generator, share)
             rgb = images.expand(-1, 3, -1, -1) if channels == 1 else images
             if rgb.shape[1] != 3:
                 raise ValueError(f"colour augmentation needs 1 or 3 channels, got {channels}")

@@ -19,7 +19,15 @@ iterations whatever the number of phases. The EMA of G is the usual `kiln.traine
 callback (`ema_target = "generator"`). Every image the discriminator sees goes through
 `self.augment`: the identity unless a family sets a `kiln.modules.blocks.ada.AdaptiveAugment`
 there, whose probability p the Dmain phases steer from D's outputs on real images (summed over
-ranks every `interval` iterations) and which is logged as `train/ada_p`.
+ranks as they are seen) and which is logged as `train/ada_p`.
+
+Over several ranks, each rank's batch is its share of the global batch, and everything random is
+drawn for the global batch: every rank draws the whole global batch's latents, noise and
+augmentation parameters from generators seeded alike, and keeps its own share's (`randn`). Ranks
+then never share latents, and a run is the same function of the global batch at any world size;
+the draws cost O(global batch) per rank, small next to the networks. Statistics the phases keep
+(ADA's sums, a family's running means) are kept over the global batch too, so that every rank holds
+the same values.
 """
 from __future__ import annotations
 
@@ -113,6 +121,12 @@ class AdversarialModule(L.LightningModule):
     def shard_units(self) -> tuple[type, ...]:
         return (*getattr(self.generator, "shard_units", ()), *getattr(self.discriminator, "shard_units", ()))
 
+    @property
+    def double_backward(self) -> bool:
+        """Declared to kiln.trainers.strategies: R1 backpropagates through a gradient (create_graph),
+        so FSDP2 must keep the weights it gathered until the outer backward has run."""
+        return self.r1_gamma > 0
+
     # -- what a family defines -------------------------------------------------------------------
     def real(self, batch: dict) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
@@ -129,10 +143,43 @@ class AdversarialModule(L.LightningModule):
     def generator_extra(self, batch: dict, fake: Tensor, condition: Tensor | None) -> dict[str, Tensor]:
         return {}
 
-    def discriminate(self, images: Tensor, condition: Tensor | None) -> Tensor:
-        """D's logits, (N,); every image D sees goes through `self.augment`."""
-        images = self.augment(images)
+    def discriminate(self, images: Tensor | tuple[Tensor, ...], condition: Tensor | None) -> Tensor:
+        """D's logits, (N,); every image D sees goes through `self.augment`. `images` is one batch, or
+        several (Dmain: reals, fakes) that D takes in one pass, each augmented as its own batch."""
+        batches = images if isinstance(images, tuple) else (images,)
+        images = torch.cat([self.augmented(x) for x in batches]) if len(batches) > 1 else self.augmented(batches[0])
         return self.discriminator(images) if condition is None else self.discriminator(images, condition)
+
+    def augmented(self, images: Tensor) -> Tensor:
+        """`self.augment` of this rank's share of a global batch (ADA draws for the global batch)."""
+        if isinstance(self.augment, AdaptiveAugment):
+            return self.augment(images, share=self.share())
+        return self.augment(images)
+
+    # -- randomness over ranks (see the module docstring) ----------------------------------------
+    def share(self) -> tuple[int, int]:
+        """(this rank, ranks): which share of the global batch this process trains on."""
+        trainer = self._trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def randn(self, n: int, *shape: int) -> Tensor:
+        """N(0, 1) noise (n, *shape) for this rank's n samples: drawn for the global batch (n per
+        rank), this rank's rows kept."""
+        rank, world = self.share()
+        noise = torch.randn(world * n, *shape, device=self.device)
+        return noise[rank * n:(rank + 1) * n] if world > 1 else noise
+
+    def sum_over_ranks(self, tensor: Tensor) -> Tensor:
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum") if self.share()[1] > 1 else tensor
+
+    def mean_over_ranks(self, tensor: Tensor, differentiable: bool = False) -> Tensor:
+        """The mean over ranks of a per-rank mean (equal shares: the global batch's mean); with
+        `differentiable`, gradients flow back to every rank's share."""
+        if self.share()[1] == 1:
+            return tensor
+        if differentiable:
+            return self.all_gather(tensor, sync_grads=True).mean(0)
+        return self.trainer.strategy.reduce(tensor, reduce_op="mean")
 
     # -- phases ----------------------------------------------------------------------------------
     def phases(self) -> list[Phase]:
@@ -155,11 +202,11 @@ class AdversarialModule(L.LightningModule):
         # One pass over real and fake together, as BigGAN does (one power iteration of spectral
         # norm per D step, and one larger batch instead of two).
         both = None if condition is None else torch.cat([condition, fake_condition])
-        real_logits, fake_logits = self.discriminate(torch.cat([real, fake]), both).split([len(real), len(fake)])
+        real_logits, fake_logits = self.discriminate((real, fake), both).split([len(real), len(fake)])
         out = {"loss": discriminator_loss(real_logits, fake_logits, self.gan_loss),
                "real_logits": real_logits.detach().mean(), "fake_logits": fake_logits.detach().mean()}
         if isinstance(self.augment, AdaptiveAugment):
-            self.augment.observe(real_logits.detach())
+            self.augment.observe(real_logits.detach(), reduce=self.sum_over_ranks)
         if self.r1_gamma > 0 and self.d_reg_interval is None:
             out["r1"] = self.r1(batch)["loss"]
             out["loss"] = out["loss"] + out["r1"]
@@ -202,6 +249,7 @@ class AdversarialModule(L.LightningModule):
                 out = run[phase.name](share)
                 optimizer.zero_grad(set_to_none=True)
                 self.manual_backward(out["loss"] * phase.interval)
+                _zero_missing_grads(optimizer)
                 self.step(optimizer, counted=phase.name == "Gmain")
                 optimizer.zero_grad(set_to_none=True)  # no gradients held while the other network trains
                 self.untoggle_optimizer(optimizer)
@@ -214,8 +262,7 @@ class AdversarialModule(L.LightningModule):
         """ADA's controller: every `interval` iterations, r_t over all ranks' real images moves p."""
         ada = self.augment
         if (iteration + 1) % ada.interval == 0:
-            signs = self.trainer.strategy.reduce(ada.signs.clone(), reduce_op="sum")
-            self.log("train/ada_rt", ada.adjust(signs))
+            self.log("train/ada_rt", ada.adjust())  # the sums are over all ranks already (d_main)
         self.log("train/ada_p", ada.p.item(), prog_bar=True)
 
     def step(self, optimizer, counted: bool) -> None:
@@ -235,6 +282,18 @@ class AdversarialModule(L.LightningModule):
 
     def _lazy_interval(self, network: str) -> int | None:
         return next((p.interval for p in self.phases() if p.network == network and p.name.endswith("reg")), None)
+
+
+def _zero_missing_grads(optimizer) -> None:
+    """A phase steps its whole network: a weight its loss does not reach (a ToRGB bias in path
+    length, D's output bias in R1) gets a zero gradient, not none, so that Adam's step count and
+    second moment advance alike for every weight and under every strategy (FSDP2 reduce-scatters
+    zeros for such weights where one process or DDP would leave none). With beta1 = 0, as both
+    families train, such a weight does not move."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
 
 
 def _size(batch: dict) -> int:

@@ -149,27 +149,42 @@ class StyleGAN2Module(AdversarialModule):
         if not self.hparams.style_mixing or torch.rand(()) >= self.hparams.style_mixing:
             return ws
         cutoff = int(torch.randint(1, num_ws, ()))
-        other = self.generator.mapping_ws(torch.randn(len(ws), self.hparams.z_dim, device=ws.device))
+        other = self.generator.mapping_ws(self.randn(len(ws), self.hparams.z_dim))
         return torch.cat([ws[:, :cutoff], other[:, cutoff:]], dim=1)
 
+    def noise(self, n: int) -> list[Tensor]:
+        """Every noise input's maps for this rank's n images (drawn for the global batch)."""
+        return [self.randn(n, 1, layer.resolution, layer.resolution) for layer in self.generator.noise_layers()]
+
     def fake(self, batch: dict, n: int) -> tuple[Tensor, None]:
-        z = torch.randn(n, self.hparams.z_dim, device=self.device)
-        ws = self.mix(self.generator.mapping_ws(z, update_w_avg=self.training))
-        return self.generator.synthesis(ws), None
+        ws = self.generator.mapping_ws(self.randn(n, self.hparams.z_dim))
+        if self.training:
+            self.track_w_avg(ws[:, 0])
+        return self.generator.synthesis(self.mix(ws), self.noise(n)), None
+
+    @torch.no_grad()
+    def track_w_avg(self, w: Tensor) -> None:
+        """w_avg moves towards the mean w of the global batch (the same on every rank)."""
+        mapping = self.generator.mapping
+        mapping.w_avg.copy_(self.mean_over_ranks(w.mean(0)).lerp(mapping.w_avg, mapping.w_avg_beta))
 
     def has_generator_regulariser(self) -> bool:
         return self.hparams.pl_weight > 0
 
+    @property
+    def double_backward(self) -> bool:
+        return super().double_backward or self.has_generator_regulariser()  # path length: through J^T y
+
     def path_length(self, batch: dict) -> tuple[Tensor, Tensor]:
         """(pl_weight * mean (a - running mean)^2, the lengths a); updates the running mean."""
         n = max(1, _size(batch) // self.hparams.pl_batch_shrink)
-        z = torch.randn(n, self.hparams.z_dim, device=self.device)
-        ws = self.mix(self.generator.mapping_ws(z))
-        images = self.generator.synthesis(ws)
-        y = torch.randn_like(images) / math.sqrt(images.shape[2] * images.shape[3])
+        ws = self.mix(self.generator.mapping_ws(self.randn(n, self.hparams.z_dim)))
+        images = self.generator.synthesis(ws, self.noise(n))
+        y = self.randn(n, *images.shape[1:]) / math.sqrt(images.shape[2] * images.shape[3])
         (grads,) = torch.autograd.grad((images * y).sum(), ws, create_graph=True)
         lengths = grads.square().sum(2).mean(1).sqrt()
-        mean = self.pl_mean.lerp(lengths.mean(), self.hparams.pl_decay)
+        # The running mean of the global batch's lengths, through which the gradient reaches every rank.
+        mean = self.pl_mean.lerp(self.mean_over_ranks(lengths.mean(), differentiable=True), self.hparams.pl_decay)
         self.pl_mean.copy_(mean.detach())
         return (lengths - mean).square().mean() * self.hparams.pl_weight, lengths
 
