@@ -130,7 +130,7 @@ class BigGANModule(AdversarialModule):
     def latents(self, seeds: list[int], truncation: float | None) -> Tensor:
         """One latent per seed (sample i depends on its seed only), truncated at `truncation`."""
         return torch.stack([truncated_normal((self.hparams.dim_z,), truncation, torch.Generator().manual_seed(s))
-                            for s in seeds]).to(self.device)
+                            for s in seeds]).to(self.device, self.dtype)
 
     @torch.no_grad()
     def sample(self, labels: Tensor, seeds: list[int], truncation: float | None) -> Tensor:

@@ -237,6 +237,10 @@ class AdversarialModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         opt_g, opt_d = self.optimizers()
         iteration = self.global_step  # Gmain steps so far: one per iteration
+        # Images become float32 after Lightning's precision plugin has converted the batch (the data
+        # module decodes uint8 on the device); they enter the networks in the networks' own dtype
+        # (float64 under precision "64-true").
+        batch = {k: v.to(self.dtype) if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in batch.items()}
         run = {"Dmain": self.d_main, "Dreg": self.d_reg, "Gmain": self.g_main, "Greg": self.g_reg}
         d_shares = _split(batch, self.d_steps)
         for phase in self.phases():

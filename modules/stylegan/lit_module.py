@@ -205,7 +205,7 @@ class StyleGAN2Module(AdversarialModule):
             zs.append(torch.randn(self.hparams.z_dim, generator=g))
             for out, layer in zip(noises, layers):
                 out.append(torch.randn(1, layer.resolution, layer.resolution, generator=g))
-        return torch.stack(zs).to(self.device), [torch.stack(n).to(self.device) for n in noises]
+        return torch.stack(zs).to(self.device, self.dtype), [torch.stack(n).to(self.device, self.dtype) for n in noises]
 
     @torch.no_grad()
     def sample(self, seeds: list[int], psi: float) -> Tensor:
