@@ -87,8 +87,8 @@ def modulated_conv2d(x: Tensor, weight: Tensor, styles: Tensor, demodulate: bool
     cout, _, kh, kw = weight.shape
     if not grouped:
         out = F.conv2d(x * styles[:, :, None, None], weight, padding=kh // 2)
-        if demodulate:
-            d = torch.rsqrt((weight[None] * styles[:, None, :, None, None]).square().sum(dim=(2, 3, 4)) + 1e-8)
+        if demodulate:  # sum_ik (s_i w_oik)^2 = sum_i s_i^2 sum_k w_oik^2: no (N, O, I, k, k) tensor
+            d = torch.rsqrt(styles.square() @ weight.square().sum(dim=(2, 3)).t() + 1e-8)
             out = out * d[:, :, None, None]
         return out
     weight = weight[None] * styles[:, None, :, None, None]  # (N, O, I, k, k)
