@@ -45,15 +45,12 @@ import json
 import math
 import os
 import platform
-import re
-import resource
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 
-from common import REPO, count_flops, git_state, load1, machine, spread, utc_now, write_result, write_section
+from common import (REPO, add_write_and_profile, alternate, count_flops, load1, meta_lines, parse_args, print_top_ops,
+                    run_child, run_meta, save, spread, timed_steps, top_ops_table, venv_python)
 
 VENV = os.path.join(REPO, "bench", ".venv-openclip")
 # torchvision 0.29.1 is the build for torch 2.14.1 that the machines carry (bench/README.md).
@@ -65,11 +62,6 @@ LABELS = {"kiln": "kiln", "kiln_full": "kiln, full context", "open_clip": "open_
 
 
 # -- one side, in its own process -----------------------------------------------------------------
-
-def _rss_mib() -> float:
-    with open("/proc/self/status", encoding="ascii") as f:
-        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024
-
 
 def _import_kiln() -> None:
     """kiln.* importable: installed (the main environment), or else mapped onto this checkout, whose
@@ -166,32 +158,7 @@ def run_side(spec: dict) -> dict:
         return out | {"params": sum(p.numel() for p in model.parameters()),
                       "param_tensors": sum(1 for _ in model.parameters()),
                       "flops": count_flops(lambda: loss().backward()), "loss0": float(loss()), "versions": versions}
-
-    rss_built = _rss_mib()  # model, optimizer without its state, batch: before the first step
-    for _ in range(spec["warmup"]):
-        step()
-    if spec["mode"] == "profile":
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(spec["steps"]):
-                step()
-        events = prof.key_averages()
-        total = sum(e.self_cpu_time_total for e in events)
-        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:spec["top"]]
-        return out | {"self_cpu_ms_per_step": total / 1e3 / spec["steps"],
-                      "top": [{"op": e.key, "ms": e.self_cpu_time_total / 1e3 / spec["steps"],
-                               "share": e.self_cpu_time_total / total, "calls": e.count / spec["steps"]}
-                              for e in top]}
-
-    wall, cpu = [], []
-    for _ in range(spec["steps"]):
-        w, c = time.perf_counter(), time.process_time()
-        step()
-        wall.append(time.perf_counter() - w)
-        cpu.append(time.process_time() - c)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return out | {"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak, "rss_before_step_mib": rss_built}
+    return out | timed_steps(step, spec)
 
 
 # -- the driver -----------------------------------------------------------------------------------
@@ -227,34 +194,10 @@ def configs(batch_size: int) -> dict:
             "pad": tokenizer.PAD, "sot": tokenizer.SOT, "eot": tokenizer.EOT, "first_byte": tokenizer._OFFSET}
 
 
-def venv_python() -> str:
-    """bench/.venv-openclip's python with the pinned torch and open_clip; created or completed when it lacks one."""
-    python = os.path.join(VENV, "bin", "python")
-    want = PEER_PINS[0].split("==")[1]
-
-    def installed() -> str:
-        probe = subprocess.run([python, "-c", "import torch, torchvision, open_clip; print(torch.__version__)"],
-                               capture_output=True, text=True)
-        return probe.stdout.strip().split("+")[0] if probe.returncode == 0 else ""
-
-    if not os.path.exists(python):
-        print(f"creating {os.path.relpath(VENV, REPO)}", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
-    if installed() != want:
-        subprocess.run([python, "-m", "pip", "install", "-q", *PEER_PINS], check=True)
-        if installed() != want:
-            sys.exit(f"{VENV}: torch {installed() or '(none)'} with torchvision and open_clip, wanted torch {want}")
-    return python
-
-
-def run_child(python: str, spec: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), OMP_WAIT_POLICY="PASSIVE",
-               HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
-    out = subprocess.run([python, os.path.abspath(__file__), "--_run", json.dumps(spec)], env=env, cwd=REPO,
-                         capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"{spec['side']} {spec['mode']} failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def peer_python() -> str:
+    """bench/.venv-openclip's python with the pinned torch, torchvision and open_clip."""
+    return venv_python(VENV, "import torch, torchvision, open_clip; print(torch.__version__.split('+')[0])",
+                       PEER_PINS[0].split("==")[1], list(PEER_PINS))
 
 
 def summarize(runs: dict, ratios: dict, cpu_ratios: dict) -> dict:
@@ -337,16 +280,14 @@ def report(args, cfg: dict, info: dict, runs: dict, summary: dict, profiles: dic
                     for s in SIDES)
         + ". Loss at the first step (different initialisations): "
         + ", ".join(f"{LABELS[s]} {info[s]['loss0']:.4f}" for s in SIDES) + ".", "",
-        f"- Command: `{meta['command']}`; {meta['elapsed_s'] / 60:.1f} minutes.",
-        f"- Machine: {meta['machine']}. Date: {meta['date']}, at {meta['git']}.",
-        f"- Versions: Python {peer['versions']['python']}, torch {peer['versions']['torch']} (all sides), "
-        f"torchvision {peer['versions']['torchvision']}, open_clip {peer['versions']['open_clip']}. kiln's tests run "
-        "torch's CPU build of an earlier release, for which torchvision (which open_clip imports) has no CPU build "
-        "on these machines, so kiln runs here under the peer's torch.",
-        f"- Load average (1 min): {meta['load_before']:.2f} before, {meta['load_after']:.2f} after; as each run "
-        f"started, by round: {loads}. The benchmark itself keeps {args.threads} thread{'s' * (args.threads != 1)} busy; "
-        "other jobs on the "
-        "cores slow both sides, and the per-round ratios show how much that moved the comparison.",
+        *meta_lines(meta, f"Python {peer['versions']['python']}, torch {peer['versions']['torch']} (all sides), "
+                          f"torchvision {peer['versions']['torchvision']}, open_clip {peer['versions']['open_clip']}. "
+                          "kiln's tests run torch's CPU build of an earlier release, for which torchvision (which "
+                          "open_clip imports) has no CPU build on these machines, so kiln runs here under the peer's "
+                          "torch",
+                    f"; as each run started, by round: {loads}. The benchmark itself keeps {args.threads} "
+                    f"thread{'s' * (args.threads != 1)} busy; other jobs on the cores slow both sides, and the "
+                    "per-round ratios show how much that moved the comparison"),
         "- FLOPs: `torch.utils.flop_counter.FlopCounterMode` over one forward + backward of the batch (matrix "
         "products, convolutions, attention; the CPU attention kernel counted with torch's formulas for the GPU "
         "ones, causal attention as full). Peak RSS is `getrusage` max RSS of the side's process, imports included "
@@ -359,16 +300,7 @@ def report(args, cfg: dict, info: dict, runs: dict, summary: dict, profiles: dic
                   "process per side; ops by self CPU time, ms per step (share of the step's self time, calls per step). "
                   "The profiler times each op by the clock, so other jobs on the cores stretch these times; the "
                   "shares and call counts hold better.",
-                  ""]
-        lines += ["| rank | " + " | ".join(f"{LABELS[s]} (self CPU {profiles[s]['self_cpu_ms_per_step']:.0f} ms/step)"
-                                        for s in SIDES) + " |", "|---" * (len(SIDES) + 1) + "|"]
-        for i in range(args.top):
-            cells = []
-            for side in SIDES:
-                top = profiles[side]["top"]
-                cells.append(f"`{top[i]['op']}` {top[i]['ms']:.1f} ({top[i]['share']:.0%}, {top[i]['calls']:.0f})"
-                             if i < len(top) else "")
-            lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+                  "", *top_ops_table(profiles, args.top, digits=1, label=LABELS.get)]
     return "\n".join(lines) + "\n"
 
 
@@ -379,35 +311,29 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones")
     parser.add_argument("--batch", type=int, default=128, help="batch size (configs/clip/tiny.yaml's)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on every side")
-    parser.add_argument("--write", action="store_true", help=f"replace the '{SECTION[3:]}' section of BENCHMARKS.md")
-    parser.add_argument("--profile", action="store_true", help="only profile every side and print the top ops")
-    parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps (with --profile or --write)")
-    parser.add_argument("--top", type=int, default=12, help="ops listed per side in the profile")
+    add_write_and_profile(parser, SECTION, 3)
     parser.add_argument("--section", default=SECTION[3:], help="the BENCHMARKS.md heading to write")
     parser.add_argument("--result", default="clip", help="the result file's name under bench/results/")
-    parser.add_argument("--_run", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args._run:
-        print(json.dumps(run_side(json.loads(args._run))))
-        return
+    args = parse_args(parser, run_side)
 
     t0, load_before = time.time(), load1()
     cfg = configs(args.batch)
-    python = venv_python()
+    python = peer_python()
     base = cfg | {"threads": args.threads, "warmup": args.warmup}
+
+    def child(spec: dict) -> dict:
+        return run_child(__file__, spec, f"{spec['side']} {spec['mode']}", python,
+                         HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
 
     def profile_all() -> dict:
         spec = base | {"mode": "profile", "steps": args.profile_steps, "top": args.top}
-        return {side: run_child(python, spec | {"side": side}) for side in SIDES}
+        return {side: child(spec | {"side": side}) for side in SIDES}
 
     if args.profile:
-        for side, result in profile_all().items():
-            print(f"\n== {LABELS[side]}: self CPU {result['self_cpu_ms_per_step']:.1f} ms per step, top ops")
-            for row in result["top"]:
-                print(f"{row['ms']:9.2f} ms {row['share']:6.1%} {row['calls']:6.0f} calls  {row['op']}")
+        print_top_ops(profile_all(), digits=1, label=LABELS.get)
         return
 
-    info = {side: run_child(python, base | {"mode": "info", "side": side}) for side in SIDES}
+    info = {side: child(base | {"mode": "info", "side": side}) for side in SIDES}
     if len({info[side]["batch_checksum"] for side in SIDES}) != 1:
         sys.exit("the sides drew different batches")
     for side in SIDES:
@@ -418,32 +344,25 @@ def main() -> None:
           f"{info['kiln']['flops'] / info['open_clip']['flops']:.4f} (full context "
           f"{info['kiln_full']['flops'] / info['open_clip']['flops']:.4f})", file=sys.stderr)
 
-    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
-    ratios: dict[str, list[float]] = {"kiln": [], "kiln_full": []}
-    cpu_ratios: dict[str, list[float]] = {"kiln": [], "kiln_full": []}
-    for round_ in range(args.rounds):
-        for i in range(len(SIDES)):
-            side = SIDES[(round_ + i) % len(SIDES)]
-            load = load1()
-            result = run_child(python, base | {"mode": "time", "side": side, "steps": args.steps})
-            result["load1_before"] = load
-            runs[side].append(result)
-            print(f"round {round_ + 1} {LABELS[side]}: median step {statistics.median(result['wall_s']) * 1e3:.1f} ms, "
-                  f"peak RSS {result['peak_rss_mib']:.0f} MiB, load {load1():.2f}", file=sys.stderr)
-        for side in ratios:  # step times: the inverse of the throughput ratio
-            for key, out in (("wall_s", ratios), ("cpu_s", cpu_ratios)):
-                out[side].append(statistics.median(runs["open_clip"][-1][key]) / statistics.median(runs[side][-1][key]))
+    timed = base | {"mode": "time", "steps": args.steps}
+    runs = alternate(args.rounds, SIDES, lambda side, _: child(timed | {"side": side}),
+                     lambda r: f"median step {statistics.median(r['wall_s']) * 1e3:.1f} ms, "
+                               f"peak RSS {r['peak_rss_mib']:.0f} MiB", label=LABELS.get, rotate=True)
+
+    def per_round(side: str, key: str) -> list[float]:  # step times: the inverse of the throughput ratio
+        return [statistics.median(p[key]) / statistics.median(r[key]) for r, p in zip(runs[side], runs["open_clip"])]
+
+    ratios = {side: per_round(side, "wall_s") for side in ("kiln", "kiln_full")}
+    cpu_ratios = {side: per_round(side, "cpu_s") for side in ("kiln", "kiln_full")}
     summary = summarize(runs, ratios, cpu_ratios)
     profiles = profile_all() if args.write else {}
 
-    meta = {"command": shlex.join(["python3", os.path.relpath(os.path.abspath(__file__), REPO), *sys.argv[1:]]),
-            "machine": machine(), "git": git_state(("modules/clip", "modules/blocks/transformer.py", "bench/clip.py")),
-            "load_before": load_before, "load_after": load1(), "date": utc_now(), "elapsed_s": time.time() - t0}
+    meta = run_meta(__file__, t0, load_before, ("modules/clip", "modules/blocks/transformer.py", "bench/clip.py"))
     section = report(args, cfg, info, runs, summary, profiles, meta)
     print(section)
     med = summary["ratio_median"]
     result = {
-        "section": args.section, "compared": "kiln CLIP / open_clip CLIP train step, tiny config, same params",
+        "compared": "kiln CLIP / open_clip CLIP train step, tiny config, same params",
         "ratio": med["kiln"],
         "detail": f"as configured {med['kiln']:.2f} (rounds {min(ratios['kiln']):.2f}-{max(ratios['kiln']):.2f}); "
                   f"full context, same FLOPs {med['kiln_full']:.2f} (rounds {min(ratios['kiln_full']):.2f}-"
@@ -452,14 +371,8 @@ def main() -> None:
         **summary,
         "params": {s: info[s]["params"] for s in SIDES}, "flops": {s: info[s]["flops"] for s in SIDES},
         "versions": info["open_clip"]["versions"],
-        "command": meta["command"], "date": meta["date"], "load1": [meta["load_before"], meta["load_after"]],
-        "written": args.write,
     }
-    path = write_result(args.result, result)
-    print(f"result: {os.path.relpath(path, REPO)}", file=sys.stderr)
-    if args.write:
-        write_section(f"## {args.section}", section)
-        print(f"wrote the '{args.section}' section of BENCHMARKS.md", file=sys.stderr)
+    save(args.result, result, f"## {args.section}", section, meta, args.write)
 
 
 if __name__ == "__main__":

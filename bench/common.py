@@ -1,14 +1,20 @@
-"""What the benchmark scripts share: the machine's description, spreads, BENCHMARKS.md sections
-and the result file each row leaves in bench/results/ (bench/README.md: "Result files")."""
+"""What the benchmark scripts share: running each side in a fresh process and the rounds that
+alternate them, the machine's description, spreads, profiles, BENCHMARKS.md sections and the
+result file each row leaves in bench/results/ (bench/README.md: "Result files")."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import platform
 import re
+import resource
+import shlex
 import statistics
 import subprocess
+import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(REPO, "BENCHMARKS.md")
@@ -43,12 +49,192 @@ def git_state(paths: tuple[str, ...] = ()) -> str:
     return f"commit `{head[:60]}`" + (f", with uncommitted changes to {', '.join(changed)}" if changed else "")
 
 
+def versions(*modules: str) -> str:
+    """"Python 3.x, torch 2.x, ...": the interpreter's version and each module's `__version__`."""
+    import importlib
+
+    return ", ".join([f"Python {platform.python_version()}",
+                      *(f"{m} {importlib.import_module(m).__version__}" for m in modules)])
+
+
 def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def load1() -> float:
     return os.getloadavg()[0]
+
+
+def rss_mib() -> float:
+    """This process's resident memory now."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (`getrusage`: KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sync(device: str) -> None:
+    """Wait for the GPU's queued work, on a CUDA device; nothing on CPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def add_write_and_profile(parser: argparse.ArgumentParser, heading: str, profile_steps: int,
+                          unit: str = "steps") -> None:
+    """--write (the section `heading` of BENCHMARKS.md) and the profile's options: --profile,
+    --profile-steps, --top."""
+    parser.add_argument("--write", action="store_true", help=f"replace the '{heading[3:]}' section of BENCHMARKS.md")
+    parser.add_argument("--profile", action="store_true", help="only profile every side and print the top ops")
+    parser.add_argument("--profile-steps", type=int, default=profile_steps,
+                        help=f"profiled {unit} (with --profile or --write)")
+    parser.add_argument("--top", type=int, default=12, help="ops listed per side in the profile")
+
+
+def parse_args(parser: argparse.ArgumentParser, run_side) -> argparse.Namespace:
+    """The command line; in a side's own process (`--_run SPEC`, from `run_child`) runs that side,
+    prints its result as JSON and exits."""
+    parser.add_argument("--_run", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._run:
+        print(json.dumps(run_side(json.loads(args._run))))
+        sys.exit(0)
+    return args
+
+
+def run_child(script: str, spec: dict, label: str, python: str = sys.executable, cwd: str = REPO,
+              **env: str) -> dict:
+    """`script --_run SPEC` in a fresh process (under `python`), its last stdout line as JSON; with
+    spec["threads"] threads and OMP_WAIT_POLICY=PASSIVE, as `kiln` sets it (spinning OpenMP threads
+    on busy cores starve everything else), and `env` on top."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), OMP_WAIT_POLICY="PASSIVE", **env)
+    out = subprocess.run([python, os.path.abspath(script), "--_run", json.dumps(spec)], env=env, cwd=cwd,
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{label} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def venv_python(venv: str, probe: str, want: str, packages: list[str]) -> str:
+    """`venv`'s python, where the code `probe` prints `want`; the venv is created when missing and
+    `packages` pip-installed into it when the probe prints anything else."""
+    python = os.path.join(venv, "bin", "python")
+
+    def installed() -> str:
+        out = subprocess.run([python, "-c", probe], capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    if not os.path.exists(python):
+        print(f"creating {os.path.relpath(venv, REPO)}", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    if installed() != want:
+        subprocess.run([python, "-m", "pip", "install", "-q", *packages], check=True)
+        if installed() != want:
+            sys.exit(f"{venv} has {installed() or '(nothing)'}; wanted {want}")
+    return python
+
+
+def alternate(rounds: int, sides, run, describe, label=str, rotate: bool = False) -> dict:
+    """`run(side, round_)` for every side in each round, the sides in turn (with `rotate`, the
+    order turns by one each round); each result gets the 1-minute load average as its run started
+    (`load1_before`) and a progress line on stderr, `describe(result)`. Returns each side's
+    results, one a round."""
+    runs: dict = {side: [] for side in sides}
+    for round_ in range(rounds):
+        turn = round_ % len(sides) if rotate else 0
+        for side in [*sides[turn:], *sides[:turn]]:
+            load = load1()
+            result = run(side, round_) | {"load1_before": load}
+            runs[side].append(result)
+            print(f"round {round_ + 1} {label(side)}: {describe(result)}, load {load1():.2f}", file=sys.stderr)
+    return runs
+
+
+def timed_steps(step, spec: dict) -> dict:
+    """spec["warmup"] untimed calls of `step`, then spec["steps"] timed ones: each one's wall and
+    CPU seconds, peak RSS and the RSS before the first step; in "profile" mode `top_ops` of the
+    steps instead."""
+    rss_built = rss_mib()  # model, optimizer without its state, batch: before the first step
+    for _ in range(spec["warmup"]):
+        step()
+    if spec["mode"] == "profile":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(spec["steps"]):
+                step()
+        return top_ops(prof, spec["steps"], spec["top"])
+    wall, cpu = [], []
+    for _ in range(spec["steps"]):
+        w, c = time.perf_counter(), time.process_time()
+        step()
+        wall.append(time.perf_counter() - w)
+        cpu.append(time.process_time() - c)
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak_rss_mib(), "rss_before_step_mib": rss_built}
+
+
+def top_ops(prof, steps: int, top: int) -> dict:
+    """A `torch.profiler` run's self CPU time per step, and its `top` ops by self CPU time (ms per
+    step, share, calls per step)."""
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {"self_cpu_ms_per_step": total / 1e3 / steps,
+            "top": [{"op": e.key, "ms": e.self_cpu_time_total / 1e3 / steps, "share": e.self_cpu_time_total / total,
+                     "calls": e.count / steps} for e in ranked]}
+
+
+def print_top_ops(profiles: dict, digits: int = 0, unit: str = "step", label=str) -> None:
+    """Each side's `top_ops`, for the console (--profile)."""
+    for side, result in profiles.items():
+        print(f"\n== {label(side)}: self CPU {result['self_cpu_ms_per_step']:.{digits}f} ms per {unit}, top ops")
+        for row in result["top"]:
+            print(f"{row['ms']:9.{digits + 1}f} ms {row['share']:6.1%} {row['calls']:6.0f} calls  {row['op']}")
+
+
+def top_ops_table(profiles: dict, rows: int, digits: int = 0, unit: str = "step", label=str) -> list[str]:
+    """The sides' `top_ops` side by side, a rank a row: the markdown table of "Where the time goes"."""
+    lines = ["| rank | " + " | ".join(f"{label(s)} (self CPU {p['self_cpu_ms_per_step']:.0f} ms/{unit})"
+                                    for s, p in profiles.items()) + " |", "|---" * (len(profiles) + 1) + "|"]
+    for i in range(rows):
+        cells = []
+        for p in profiles.values():
+            top = p["top"]
+            cells.append(f"`{top[i]['op']}` {top[i]['ms']:.{digits}f} ({top[i]['share']:.0%}, {top[i]['calls']:.0f})"
+                         if i < len(top) else "")
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def run_meta(script: str, started: float, load_before: float, git_paths: tuple[str, ...], **extra) -> dict:
+    """What a report says of its run: the command, machine, commit, date, load before and after,
+    minutes taken, and `extra`."""
+    return {"command": shlex.join(["python3", os.path.relpath(os.path.abspath(script), REPO), *sys.argv[1:]]),
+            "machine": machine(), "git": git_state(git_paths), "load_before": load_before, "load_after": load1(),
+            "date": utc_now(), "elapsed_s": time.time() - started, **extra}
+
+
+def meta_lines(meta: dict, versions: str, load_note: str = "") -> list[str]:
+    """A section's closing list: command, machine, date and commit, versions, load average."""
+    return [f"- Command: `{meta['command']}`; {meta['elapsed_s'] / 60:.1f} minutes.",
+            f"- Machine: {meta['machine']}. Date: {meta['date']}, at {meta['git']}.",
+            f"- Versions: {versions}.",
+            f"- Load average (1 min): {meta['load_before']:.2f} before, {meta['load_after']:.2f} after{load_note}."]
+
+
+def save(row: str, result: dict, heading: str, section: str, meta: dict, write: bool) -> None:
+    """The row's result file (with the run's command, date and load); with `write`, its section of
+    BENCHMARKS.md too."""
+    path = write_result(row, {"section": heading[3:], **result, "command": meta["command"], "date": meta["date"],
+                              "load1": [meta["load_before"], meta["load_after"]], "written": write})
+    print(f"result: {os.path.relpath(path, REPO)}", file=sys.stderr)
+    if write:
+        write_section(heading, section)
+        print(f"wrote the '{heading[3:]}' section of BENCHMARKS.md", file=sys.stderr)
 
 
 def write_section(heading: str, section: str) -> None:
@@ -63,21 +249,22 @@ def write_section(heading: str, section: str) -> None:
         after = re.search(r"^## ", text[start + len(heading) + 2:], flags=re.M)
         end = start + len(heading) + 2 + after.start() if after else len(text)
         text = text[:start + 1] + section.rstrip("\n") + "\n" + ("\n" + text[end:] if after else "")
-    tmp = BENCHMARKS + ".tmp"
+    replace_file(BENCHMARKS, text)
+
+
+def replace_file(path: str, text: str) -> None:
+    """Write `text` to `path` through a temporary file, so that no reader sees it half written."""
+    tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(tmp, BENCHMARKS)
+    os.replace(tmp, path)
 
 
 def write_result(row: str, result: dict) -> str:
     """bench/results/<row>.json: the row's headline in the shape bench/run.py reads."""
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{row}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"row": row, **result}, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    replace_file(path, json.dumps({"row": row, **result}, indent=1) + "\n")
     return path
 
 

@@ -31,16 +31,12 @@ sides alternate, and each round's ratio is torchmetrics' total time / kiln's.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 
-from common import REPO, git_state, load1, machine, spread, utc_now, write_result, write_section
+from common import (alternate, load1, meta_lines, parse_args, peak_rss_mib, run_child, run_meta, save, spread,
+                    versions)
 
 SECTION = "## FID and KID"
 SIDES = ("kiln", "torchmetrics")
@@ -122,7 +118,7 @@ def run_side(spec: dict) -> dict:
     fid_value, kid_value = compute()
     compute_s = time.perf_counter() - start
     out = {"side": spec["side"], "fid": fid_value, "kid": kid_value, "update_s": update_s, "compute_s": compute_s,
-           "total_s": sum(update_s) + compute_s, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+           "total_s": sum(update_s) + compute_s, "peak_rss_mib": peak_rss_mib()}
     if spec["side"] == "torchmetrics" and spec.get("as_given"):  # untimed: the float32 features as they are
         from torchmetrics.image.fid import FrechetInceptionDistance
         from torchmetrics.image.kid import KernelInceptionDistance
@@ -153,15 +149,6 @@ def reference(real, fake) -> dict:
     kid = float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
                 - 2 * kxy.mean())
     return {"side": "reference", "fid": fid, "kid": kid}
-
-
-def run_child(spec: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), OMP_WAIT_POLICY="PASSIVE")
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_run", json.dumps(spec)], env=env, cwd=REPO,
-                         capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"{spec['side']} failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def rel(a: float, b: float) -> float:
@@ -212,26 +199,12 @@ def report(args, runs: dict, ref: dict, ratios: list[float], meta: dict) -> str:
         + " s; 1-minute load average as each run started: "
         + ", ".join(f"{r['load1_before']:.2f}" for pair in zip(runs["kiln"], runs["torchmetrics"]) for r in pair)
         + " (kiln, torchmetrics, kiln, ...).", "",
-        f"- Command: `{meta['command']}`; {meta['elapsed_s'] / 60:.1f} minutes.",
-        f"- Machine: {meta['machine']}. Date: {meta['date']}, at {meta['git']}.",
-        f"- Versions: {meta['versions']}.",
-        f"- Load average (1 min): {meta['load_before']:.2f} before, {meta['load_after']:.2f} after.",
+        *meta_lines(meta, meta["versions"]),
         "- Where the time goes: torchmetrics' FID `compute` takes the eigenvalues of the non-symmetric "
         "S1 S2 (`torch.linalg.eigvals`, float64) and its `update` adds each batch's outer products to a "
         "D x D float64 sum; KID's `compute` builds three N x N polynomial kernels. Both sides run exactly this.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def versions() -> str:
-    import platform
-
-    import numpy
-    import torch
-    import torchmetrics
-
-    return (f"Python {platform.python_version()}, torch {torch.__version__}, torchmetrics {torchmetrics.__version__}, "
-            f"numpy {numpy.__version__}")
 
 
 def main() -> None:
@@ -244,50 +217,38 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--write", action="store_true", help=f"replace the '{SECTION[3:]}' section of BENCHMARKS.md")
-    parser.add_argument("--_run", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args._run:
-        print(json.dumps(run_side(json.loads(args._run))))
-        return
+    args = parse_args(parser, run_side)
 
     t0, load_before = time.time(), load1()
     base = {"samples": args.samples, "features": args.features, "batch": args.batch, "threads": args.threads}
-    ref = run_child(base | {"side": "reference"})
-    print(f"reference: FID {ref['fid']:.10g}, KID {ref['kid']:.10g}", file=sys.stderr)
-    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
-    ratios = []
-    for round_ in range(args.rounds):
-        for side in SIDES:
-            load = load1()
-            result = run_child(base | {"side": side, "as_given": round_ == 0}) | {"load1_before": load}
-            runs[side].append(result)
-            print(f"round {round_ + 1} {side}: FID {result['fid']:.10g}, KID {result['kid']:.10g}, total "
-                  f"{result['total_s']:.2f} s (compute {result['compute_s']:.2f} s), load {load1():.2f}", file=sys.stderr)
-        ratios.append(runs["torchmetrics"][-1]["total_s"] / runs["kiln"][-1]["total_s"])
 
-    meta = {"command": shlex.join(["python3", os.path.relpath(os.path.abspath(__file__), REPO), *sys.argv[1:]]),
-            "machine": machine(), "versions": versions(), "git": git_state(("modules/eval", "bench/fid.py")),
-            "load_before": load_before, "load_after": load1(), "date": utc_now(), "elapsed_s": time.time() - t0}
+    def child(spec: dict) -> dict:
+        return run_child(__file__, base | spec, spec["side"])
+
+    ref = child({"side": "reference"})
+    print(f"reference: FID {ref['fid']:.10g}, KID {ref['kid']:.10g}", file=sys.stderr)
+    runs = alternate(args.rounds, SIDES, lambda side, round_: child({"side": side, "as_given": round_ == 0}),
+                     lambda r: f"FID {r['fid']:.10g}, KID {r['kid']:.10g}, total {r['total_s']:.2f} s "
+                               f"(compute {r['compute_s']:.2f} s)")
+    ratios = [t["total_s"] / k["total_s"] for k, t in zip(runs["kiln"], runs["torchmetrics"])]
+
+    meta = run_meta(__file__, t0, load_before, ("modules/eval", "bench/fid.py"),
+                    versions=versions("torch", "torchmetrics", "numpy"))
     section = report(args, runs, ref, ratios, meta)
     print(section)
     kiln, tm = runs["kiln"][0], runs["torchmetrics"][0]
     diffs = {"fid_vs_torchmetrics": rel(kiln["fid"], tm["fid"]), "kid_vs_torchmetrics": rel(kiln["kid"], tm["kid"]),
              "fid_vs_reference": rel(kiln["fid"], ref["fid"]), "kid_vs_reference": rel(kiln["kid"], ref["kid"])}
     result = {
-        "section": SECTION[3:], "compared": "kiln FidKid / torchmetrics FID+KID on the same features: values, speed",
+        "compared": "kiln FidKid / torchmetrics FID+KID on the same features: values, speed",
         "ratio": statistics.median(ratios), "max_rel_diff": max(diffs["fid_vs_torchmetrics"], diffs["kid_vs_torchmetrics"]),
         "detail": f"FID {kiln['fid']:.6g} vs {tm['fid']:.6g}, KID {kiln['kid']:.6g} vs {tm['kid']:.6g} (rel diff "
                   f"{diffs['fid_vs_torchmetrics']:.0e}, {diffs['kid_vs_torchmetrics']:.0e}); speed "
                   f"{statistics.median(ratios):.2f}x",
         "values": {side: {"fid": runs[side][0]["fid"], "kid": runs[side][0]["kid"]} for side in SIDES} | {"reference": ref, "torchmetrics_float32": tm.get("as_given")},
-        "rel_diff": diffs, "ratios": ratios, "command": meta["command"], "date": meta["date"],
-        "load1": [meta["load_before"], meta["load_after"]], "written": args.write,
+        "rel_diff": diffs, "ratios": ratios,
     }
-    path = write_result("fid", result)
-    print(f"result: {os.path.relpath(path, REPO)}", file=sys.stderr)
-    if args.write:
-        write_section(SECTION, section)
-        print(f"wrote the '{SECTION[3:]}' section of BENCHMARKS.md", file=sys.stderr)
+    save("fid", result, SECTION, section, meta, args.write)
 
 
 if __name__ == "__main__":

@@ -25,16 +25,13 @@ that count over the median step time; the fraction divides it by the round's pea
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 
-from common import REPO, count_flops, git_state, load1, machine, spread, utc_now, write_result, write_section
+from common import (REPO, alternate, count_flops, load1, meta_lines, parse_args, peak_rss_mib, run_child, run_meta,
+                    save, spread, sync, versions)
 
 SECTION = "## Achieved FLOP/s"
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from the vendors' data sheets; matched
@@ -50,13 +47,6 @@ def card_peak(name: str) -> float | None:
     return None
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
-
-
 def gemm(spec: dict) -> dict:
     import torch
 
@@ -67,10 +57,10 @@ def gemm(spec: dict) -> dict:
     b = torch.randn(n, n, device=spec["device"], dtype=dtype, generator=g)
     times = []
     for i in range(12):
-        _sync(spec["device"])
+        sync(spec["device"])
         start = time.perf_counter()
         torch.mm(a, b)
-        _sync(spec["device"])
+        sync(spec["device"])
         if i >= 2:
             times.append(time.perf_counter() - start)
     flops = 2 * n ** 3
@@ -164,26 +154,16 @@ def run_side(spec: dict) -> dict:
     flops = count_flops(forward_backward)
     for _ in range(spec["warmup"]):
         step()
-    _sync(spec["device"])
+    sync(spec["device"])
     wall = []
     for _ in range(spec["steps"]):
         start = time.perf_counter()
         step()
-        _sync(spec["device"])
+        sync(spec["device"])
         wall.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if spec["device"].startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if spec["device"].startswith("cuda") else peak_rss_mib()
     return {"params": params, "flops": flops, "wall_s": wall, "described": described, "peak_mib": peak,
             "achieved_flops": flops / statistics.median(wall)}
-
-
-def run_child(spec: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), OMP_WAIT_POLICY="PASSIVE")
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_run", json.dumps(spec)], env=env, cwd=REPO,
-                         capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"{spec['model']} failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def report(args, models: list[str], runs: dict, fractions: dict, meta: dict) -> str:
@@ -223,20 +203,9 @@ def report(args, models: list[str], runs: dict, fractions: dict, meta: dict) -> 
         "1-minute load average as each run started: " + ", ".join(
             f"{r['load1_before']:.2f}" for i in range(args.rounds) for r in [runs[k][i] for k in ["peak", *models]])
         + f" (peak, {', '.join(models)}, per round).", "",
-        f"- Command: `{meta['command']}`; {meta['elapsed_s'] / 60:.1f} minutes.",
-        f"- Machine: {meta['machine']}. Date: {meta['date']}, at {meta['git']}.",
-        f"- Versions: {meta['versions']}.",
-        f"- Load average (1 min): {meta['load_before']:.2f} before, {meta['load_after']:.2f} after.",
+        *meta_lines(meta, meta["versions"]),
     ]
     return "\n".join(lines) + "\n"
-
-
-def versions() -> str:
-    import platform
-
-    import torch
-
-    return f"Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def main() -> None:
@@ -254,11 +223,7 @@ def main() -> None:
     parser.add_argument("--section", default=SECTION[3:], help="the BENCHMARKS.md heading to write")
     parser.add_argument("--write", action="store_true", help=f"replace the '{SECTION[3:]}' section of BENCHMARKS.md")
     parser.add_argument("--result", default="flops", help="the result file's name under bench/results/")
-    parser.add_argument("--_run", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args._run:
-        print(json.dumps(run_side(json.loads(args._run))))
-        return
+    args = parse_args(parser, run_side)
 
     gpu = args.device != "cpu"
     models = [m for m in args.models.split(",") if m]
@@ -275,41 +240,42 @@ def main() -> None:
             print(f"no known bf16 peak for '{card}': fractions are of the measured GEMM", file=sys.stderr)
     import tempfile
 
-    runs: dict[str, list[dict]] = {k: [] for k in ["peak", *models]}
-    fractions: dict[str, list[float]] = {m: [] for m in models}
+    peaks = []  # each round's GEMM peak, FLOP/s
+
+    def run(model: str, _) -> dict:
+        spec = base | {"model": model, "batch": {"unet": args.batch_unet, "clip-b16": args.batch_clip}.get(model, 0)}
+        if model != "clip":
+            spec["batch_path"] = None
+        result = run_child(__file__, spec, model)
+        if model == "peak":
+            peaks.append(result["best_flops"])
+        else:
+            result["fraction"] = result["achieved_flops"] / (peak_card or peaks[-1])
+        return result
+
+    def describe(result: dict) -> str:
+        if "best_flops" in result:
+            return f"{result['best_flops'] / 1e9:.1f} GFLOP/s"
+        return (f"{result['flops'] / 1e9:.2f} GFLOP/step, median {statistics.median(result['wall_s']) * 1e3:.1f} ms, "
+                f"{result['achieved_flops'] / 1e9:.1f} GFLOP/s, {result['fraction']:.1%} of peak")
+
     with tempfile.TemporaryDirectory(prefix="kiln-flops-") as tmp:
         if "clip" in models:  # one real batch of the CLIP tiny config's data, as row 1 uses
-            from overhead import run_child as overhead_child
+            from overhead import child as overhead_child
 
             path = os.path.join(tmp, "batch-clip.pt")
             overhead_child({"mode": "prepare", "model": "clip", "batch": path, "threads": args.threads, "tmp": tmp})
             base["batch_path"] = path
-        for round_ in range(args.rounds):
-            for model in ["peak", *models]:
-                load = load1()
-                spec = base | {"model": model, "batch": {"unet": args.batch_unet, "clip-b16": args.batch_clip}.get(model, 0)}
-                if model != "clip":
-                    spec["batch_path"] = None
-                result = run_child(spec) | {"load1_before": load}
-                runs[model].append(result)
-                if model == "peak":
-                    print(f"round {round_ + 1} peak: {result['best_flops'] / 1e9:.1f} GFLOP/s", file=sys.stderr)
-                    continue
-                peak = peak_card or runs["peak"][-1]["best_flops"]
-                fractions[model].append(result["achieved_flops"] / peak)
-                print(f"round {round_ + 1} {model}: {result['flops'] / 1e9:.2f} GFLOP/step, median "
-                      f"{statistics.median(result['wall_s']) * 1e3:.1f} ms, {result['achieved_flops'] / 1e9:.1f} GFLOP/s, "
-                      f"{fractions[model][-1]:.1%} of peak, load {load1():.2f}", file=sys.stderr)
+        runs = alternate(args.rounds, ["peak", *models], run, describe)
+    fractions = {m: [r["fraction"] for r in runs[m]] for m in models}
 
-    meta = {"command": shlex.join(["python3", os.path.relpath(os.path.abspath(__file__), REPO), *sys.argv[1:]]),
-            "machine": machine(), "versions": versions(), "card": card, "card_peak": peak_card or 0.0,
-            "git": git_state(("modules", "configs/clip", "bench/flops.py", "bench/unet.py")),
-            "load_before": load_before, "load_after": load1(), "date": utc_now(), "elapsed_s": time.time() - t0}
+    meta = run_meta(__file__, t0, load_before, ("modules", "configs/clip", "bench/flops.py", "bench/unet.py"),
+                    versions=versions("torch"), card=card, card_peak=peak_card or 0.0)
     section = report(args, models, runs, fractions, meta)
     print(section)
     headline = {m: statistics.median(fractions[m]) for m in models}
     result = {
-        "section": args.section, "compared": ("MFU vs the card's bf16 dense peak" if gpu else
+        "compared": ("MFU vs the card's bf16 dense peak" if gpu else
                                              "achieved FLOP/s / measured fp32 GEMM peak"),
         "ratio": None, "fractions": fractions, "device": args.device, "card": card,
         "detail": ", ".join(f"{m} {headline[m]:.0%}" for m in models) + " of "
@@ -317,14 +283,8 @@ def main() -> None:
         "achieved_flops": {m: statistics.median(r["achieved_flops"] for r in runs[m]) for m in models},
         "flops_per_step": {m: runs[m][0]["flops"] for m in models},
         "peak_flops": [r["best_flops"] for r in runs["peak"]],
-        "command": meta["command"], "date": meta["date"], "load1": [meta["load_before"], meta["load_after"]],
-        "written": args.write,
     }
-    path = write_result(args.result, result)
-    print(f"result: {os.path.relpath(path, REPO)}", file=sys.stderr)
-    if args.write:
-        write_section(f"## {args.section}", section)
-        print(f"wrote the '{args.section}' section of BENCHMARKS.md", file=sys.stderr)
+    save(args.result, result, f"## {args.section}", section, meta, args.write)
 
 
 if __name__ == "__main__":

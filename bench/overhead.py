@@ -40,33 +40,20 @@ import argparse
 import json
 import os
 import resource
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import lightning as L
 
-from common import REPO, git_state, load1, machine, spread, utc_now, write_result, write_section
+from common import (REPO, alternate, load1, meta_lines, parse_args, peak_rss_mib, rss_mib, run_child, run_meta, save,
+                    spread, sync, versions)
 
 SECTION = "## Framework overhead"
 CONFIGS = {"clip": "configs/clip/tiny.yaml", "glide": "configs/glide/tiny.yaml"}
 SIDES = ("kiln", "bare")
 HEADLINE = {True: "median", False: "mean"}  # on CPU (True) the ratio of median step times; on a GPU, of means
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _thread_cpu() -> dict[int, list]:
@@ -103,13 +90,6 @@ def _rusage() -> list[int]:
     """Minor page faults, voluntary and involuntary context switches of this process so far."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return [r.ru_minflt, r.ru_nvcsw, r.ru_nivcsw]
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
 
 
 # -- what kiln's side runs with (imported by jsonargparse as `overhead.InMemoryData` / `overhead.StepClock`) --
@@ -197,7 +177,7 @@ class StepClock(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         import torch
 
-        self.rss_before = _rss_mib()
+        self.rss_before = rss_mib()
         self.threads = torch.get_num_threads()
         self.callbacks = [type(c).__name__ for c in trainer.callbacks]
         self.loggers = [type(lg).__name__ for lg in trainer.loggers]
@@ -218,7 +198,7 @@ class StepClock(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if len(self.wall) in (self.warmup, self.warmup + self.steps):  # the timed window's ends
-            _sync(self.device)
+            sync(self.device)
         self.marks.mark("end")
         self.wall.append(time.perf_counter())
         self.cpu.append(time.process_time())
@@ -236,7 +216,8 @@ class StepClock(L.Callback):
         phases["of which self.log"] = [(a - b) / steps for a, b in zip(self.log_s, self.log_before)]
         phases["of which EMA"] = [(a - b) / steps for a, b in zip(self.ema_s, self.ema_before)]
         result = {"stamps_wall": self.wall, "stamps_cpu": self.cpu, "loss0": self.loss0, "thread_cpu_s": split,
-                  "phases": phases, "rusage_per_step": [(a - b) / steps for a, b in zip(_rusage(), self.rusage_before)], "rss_before_step_mib": self.rss_before, "peak_rss_mib": _peak_rss_mib(),
+                  "phases": phases, "rusage_per_step": [(a - b) / steps for a, b in zip(_rusage(), self.rusage_before)],
+                  "rss_before_step_mib": self.rss_before, "peak_rss_mib": peak_rss_mib(),
                   "threads": self.threads, "callbacks": self.callbacks, "loggers": self.loggers,
                   "precision": self.precision}
         with open(self.out, "w", encoding="utf-8") as f:
@@ -307,7 +288,7 @@ def run_bare(spec: dict) -> dict:
     loss_fn = LOSSES[spec["model"]]
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if spec["precision"] == "bf16-mixed"
                 else torch.autocast(device.type, enabled=False))
-    rss_before = _rss_mib()
+    rss_before = rss_mib()
     wall, cpu, loss0, marks = [], [], None, _Marks()
     for i in range(total):
         marks.mark("start")
@@ -321,7 +302,7 @@ def run_bare(spec: dict) -> dict:
         scheduler.step()
         module.on_train_batch_end(loss, batch, i)
         if i in (spec["warmup"], spec["warmup"] + spec["steps"]):
-            _sync(spec["device"])
+            sync(spec["device"])
         marks.mark("end")
         wall.append(time.perf_counter())
         cpu.append(time.process_time())
@@ -333,7 +314,7 @@ def run_bare(spec: dict) -> dict:
     rusage = [(a - b) / spec["steps"] for a, b in zip(_rusage(), rusage_before)]
     out = {"stamps_wall": wall, "stamps_cpu": cpu, "loss0": loss0, "rss_before_step_mib": rss_before,
            "thread_cpu_s": split, "phases": marks.phases(spec["warmup"]), "rusage_per_step": rusage,
-           "peak_rss_mib": _peak_rss_mib(), "threads": torch.get_num_threads()}
+           "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
     if _ema_callbacks(config):  # what kiln's EMA callback adds per step, timed alone
         from kiln.trainers.ema import _local
 
@@ -347,7 +328,7 @@ def run_bare(spec: dict) -> dict:
             torch._foreach_lerp_(averages, weights, 0.01)
             for a, b in zip(ema.buffers(), network.buffers()):
                 _local(a).copy_(_local(b))
-            _sync(spec["device"])
+            sync(spec["device"])
             times.append(time.perf_counter() - start)
         out["ema_update_s"] = statistics.median(times)
     out["params"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -520,15 +501,12 @@ def _top_ops(prof, steps: int, top: int = 15) -> list[dict]:
 
 # -- the driver -----------------------------------------------------------------------------------
 
-def run_child(spec: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), OMP_WAIT_POLICY="PASSIVE", WANDB_SILENT="true",
-               PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)),
-                                                        os.environ.get("PYTHONPATH")])))
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_run", json.dumps(spec)], env=env,
-                         cwd=spec["tmp"], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"{spec['model']} {spec.get('side', '')} {spec['mode']} failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def child(spec: dict) -> dict:
+    """A side, a batch's preparation or a profile in a fresh process, in the run's temporary folder
+    (where `kiln fit` leaves its run), with bench/ on PYTHONPATH for jsonargparse (`overhead.StepClock`)."""
+    path = os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH")]))
+    return run_child(__file__, spec, f"{spec['model']} {spec.get('side', '')} {spec['mode']}", cwd=spec["tmp"],
+                     WANDB_SILENT="true", PYTHONPATH=path)
 
 
 def report(args, models: list[str], runs: dict, ratios: dict, info: dict, meta: dict) -> str:
@@ -594,10 +572,7 @@ def report(args, models: list[str], runs: dict, ratios: dict, info: dict, meta: 
         "1-minute load average as each run started: " + "; ".join(
             f"{model}: " + ", ".join(f"{r['load1_before']:.2f}" for pair in zip(runs[model]["kiln"], runs[model]["bare"])
                                      for r in pair) for model in models) + " (kiln, bare, kiln, ...).", "",
-        f"- Command: `{meta['command']}`; {meta['elapsed_s'] / 60:.1f} minutes.",
-        f"- Machine: {meta['machine']}. Date: {meta['date']}, at {meta['git']}.",
-        f"- Versions: {meta['versions']}.",
-        f"- Load average (1 min): {meta['load_before']:.2f} before, {meta['load_after']:.2f} after.",
+        *meta_lines(meta, meta["versions"]),
     ]
     lines += ["", "### Where the step time goes", "",
               "Each step split at the hooks Lightning calls (`on_train_batch_start`, `on_before_backward`, "
@@ -661,15 +636,6 @@ def _per_step_threads(runs: list[dict], steps: int) -> dict[str, float]:
     return dict(sorted(per.items(), key=lambda kv: -kv[1]))
 
 
-def versions() -> str:
-    import platform
-
-    import lightning
-    import torch
-
-    return f"Python {platform.python_version()}, torch {torch.__version__}, lightning {lightning.__version__}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="clip,glide", help=f"comma-separated, of {', '.join(CONFIGS)}")
@@ -686,11 +652,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help=f"replace the '{SECTION[3:]}' section of BENCHMARKS.md")
     parser.add_argument("--profile", action="store_true", help="profile kiln's side and print where the time goes")
     parser.add_argument("--result", default="overhead", help="the result file's name under bench/results/")
-    parser.add_argument("--_run", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args._run:
-        print(json.dumps(run_side(json.loads(args._run))))
-        return
+    args = parse_args(parser, run_side)
 
     models = [m for m in args.models.split(",") if m]
     t0, load_before = time.time(), load1()
@@ -700,13 +662,13 @@ def main() -> None:
         info = {}
         for model in models:
             batch = os.path.join(tmp, f"batch-{model}.pt")
-            prepared = run_child(base | {"mode": "prepare", "model": model, "batch": batch})
+            prepared = child(base | {"mode": "prepare", "model": model, "batch": batch})
             info[model] = {"batch": prepared["captions"], "path": batch}
             print(f"{model}: batch {prepared['image']} ({', '.join(prepared['keys'])})", file=sys.stderr)
         if args.profile:
             for model in models:
                 for side in SIDES:
-                    out = run_child(base | {"mode": "profile", "side": side, "model": model, "torch_ops": True,
+                    out = child(base | {"mode": "profile", "side": side, "model": model, "torch_ops": True,
                                             "batch": info[model]["path"]})
                     print(f"\n== {model} {side}: top ops by self CPU time, ms per step")
                     for row in out["ops"]:
@@ -716,36 +678,28 @@ def main() -> None:
                         print(_decomposition_table({model: out["decomposition"]}))
             return
 
-        runs = {m: {s: [] for s in SIDES} for m in models}
-        ratios = {m: {"median": [], "mean": []} for m in models}
-        for round_ in range(args.rounds):
-            for model in models:
-                for side in SIDES:
-                    load = load1()
-                    result = run_child(base | {"mode": "time", "side": side, "model": model,
-                                               "batch": info[model]["path"]})
-                    result["load1_before"] = load
-                    runs[model][side].append(result)
-                    print(f"round {round_ + 1} {model} {side}: median step "
-                          f"{statistics.median(result['wall_s']) * 1e3:.1f} ms, mean "
-                          f"{statistics.mean(result['wall_s']) * 1e3:.1f} ms, loss0 {result['loss0']:.6f}, "
-                          f"load {load1():.2f}", file=sys.stderr)
-                kiln, bare = runs[model]["kiln"][-1]["wall_s"], runs[model]["bare"][-1]["wall_s"]
-                ratios[model]["median"].append(statistics.median(bare) / statistics.median(kiln))
-                ratios[model]["mean"].append(statistics.mean(bare) / statistics.mean(kiln))
+        runs = alternate(args.rounds, [(m, s) for m in models for s in SIDES],
+                         lambda key, _: child(base | {"mode": "time", "model": key[0], "side": key[1],
+                                                      "batch": info[key[0]]["path"]}),
+                         lambda r: f"median step {statistics.median(r['wall_s']) * 1e3:.1f} ms, mean "
+                                   f"{statistics.mean(r['wall_s']) * 1e3:.1f} ms, loss0 {r['loss0']:.6f}",
+                         label=" ".join)
+        runs = {m: {s: runs[m, s] for s in SIDES} for m in models}
+        pairs = {m: list(zip(runs[m]["kiln"], runs[m]["bare"])) for m in models}
+        ratios = {m: {"median": [statistics.median(b["wall_s"]) / statistics.median(k["wall_s"]) for k, b in pairs[m]],
+                      "mean": [statistics.mean(b["wall_s"]) / statistics.mean(k["wall_s"]) for k, b in pairs[m]]}
+                  for m in models}
         for model in models:
             info[model]["params"] = runs[model]["bare"][0]["params"]
 
-    meta = {"command": shlex.join(["python3", os.path.relpath(os.path.abspath(__file__), REPO), *sys.argv[1:]]),
-            "machine": machine(), "versions": versions(),
-            "git": git_state(("trainers", "modules", "configs", "bench/overhead.py")),
-            "load_before": load_before, "load_after": load1(), "date": utc_now(), "elapsed_s": time.time() - t0}
+    meta = run_meta(__file__, t0, load_before, ("trainers", "modules", "configs", "bench/overhead.py"),
+                    versions=versions("torch", "lightning"))
     section = report(args, models, runs, ratios, info, meta)
     print(section)
     basis = HEADLINE[args.device == "cpu"]
     headline = {m: statistics.median(ratios[m][basis]) for m in models}
     result = {
-        "section": args.section, "compared": "`kiln fit` step / bare PyTorch loop, same module, batch, optimizer",
+        "compared": "`kiln fit` step / bare PyTorch loop, same module, batch, optimizer",
         "ratio": min(headline.values()),
         "detail": "; ".join(f"{m} tiny {headline[m]:.2f} (rounds {min(ratios[m][basis]):.2f}-"
                             f"{max(ratios[m][basis]):.2f})" for m in models) + f", from {basis} step times",
@@ -753,14 +707,8 @@ def main() -> None:
                                              for k, b in zip(runs[m]["kiln"], runs[m]["bare"])] for m in models},
         "device": args.device, "precision": args.precision,
         "steps": {m: {s: spread([w for r in runs[m][s] for w in r["wall_s"]]) for s in SIDES} for m in models},
-        "command": meta["command"], "date": meta["date"], "load1": [meta["load_before"], meta["load_after"]],
-        "written": args.write,
     }
-    path = write_result(args.result, result)
-    print(f"result: {os.path.relpath(path, REPO)}", file=sys.stderr)
-    if args.write:
-        write_section(f"## {args.section}", section)
-        print(f"wrote the '{args.section}' section of BENCHMARKS.md", file=sys.stderr)
+    save(args.result, result, f"## {args.section}", section, meta, args.write)
 
 
 if __name__ == "__main__":

@@ -46,21 +46,16 @@ configurations, the command, machine, date and versions, and a short profile of 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import platform
-import re
-import resource
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import (REPO, add_write_and_profile, alternate, load1, meta_lines, parse_args, peak_rss_mib, print_top_ops,
+                    rss_mib, run_child, run_meta, save, spread, top_ops, top_ops_table, venv_python)
+
 VENV = os.path.join(REPO, "bench", ".venv-stylegan2")
-BENCHMARKS = os.path.join(REPO, "BENCHMARKS.md")
 SECTION = "## StyleGAN2"
 PEER_PACKAGE, PEER_VERSION = "stylegan2-pytorch", "1.9.0"
 SIZE = 32
@@ -116,11 +111,6 @@ DIFFERENCES = [
 
 
 # -- one side, in its own process -----------------------------------------------------------------
-
-def _rss_mib() -> float:
-    with open("/proc/self/status", encoding="ascii") as f:
-        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024
-
 
 def _real_images(batch: int):
     """The fixed batch in [0, 1] (the package's range; kiln gets 2x - 1) and its checksum."""
@@ -251,7 +241,7 @@ def run_kiln(spec: dict, rec: Recorder, images) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             rec.end(batch_idx)
 
-    out = {"rss_before_step_mib": _rss_mib()}
+    out = {"rss_before_step_mib": rss_mib()}
     if spec["mode"] == "info":
         out |= size_info(model.generator, model.discriminator, lambda z: model.generator(z), reals, spec["batch"])
     # kiln's path length costs the same at every Greg iteration, so in info mode iteration 0 stands for 32.
@@ -282,7 +272,7 @@ def run_peer(spec: dict, rec: Recorder, images) -> dict:
         trainer.loader = (images.clone() for _ in itertools.count())
         trainer.steps = PEER_START
         gan = trainer.GAN
-        out = {"rss_before_step_mib": _rss_mib()}
+        out = {"rss_before_step_mib": rss_mib()}
         if spec["mode"] == "info":
             def generate(z):
                 styles = gan.S(z)[:, None].expand(-1, gan.G.num_layers, -1)
@@ -343,82 +333,24 @@ def run_side(spec: dict) -> dict:
             kinds[KINDS[(r1, pl)]] = f
         return out | {"versions": versions, "iteration_flops": kinds}
     if spec["mode"] == "profile":
-        events = rec.profiler.key_averages()
-        total = sum(e.self_cpu_time_total for e in events)
-        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:spec["top"]]
-        steps = spec["steps"]
-        return out | {"self_cpu_ms_per_step": total / 1e3 / steps,
-                      "top": [{"op": e.key, "ms": e.self_cpu_time_total / 1e3 / steps,
-                               "share": e.self_cpu_time_total / total, "calls": e.count / steps} for e in top]}
+        return out | top_ops(rec.profiler, spec["steps"], spec["top"])
     wall = [b - a for a, b in zip(rec.wall[window], rec.wall[window.start + 1:window.stop + 1])]
     cpu = [b - a for a, b in zip(rec.cpu[window], rec.cpu[window.start + 1:window.stop + 1])]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return out | {"wall_s": wall, "cpu_s": cpu, "kimg_per_s": spec["batch"] * len(wall) / sum(wall) / 1000,
-                  "peak_rss_mib": peak}
+                  "peak_rss_mib": peak_rss_mib()}
 
 
 # -- the driver -----------------------------------------------------------------------------------
 
-def venv_python(torch_version: str) -> str:
-    """bench/.venv-stylegan2's python, with the package and this interpreter's torch version;
-    created or repaired when it lacks either."""
-    python = os.path.join(VENV, "bin", "python")
-    probe_code = ("import importlib.metadata as m, torch; "
-                  f"print(torch.__version__, m.version({PEER_PACKAGE!r}))")
-
-    def installed() -> str:
-        probe = subprocess.run([python, "-c", probe_code], capture_output=True, text=True)
-        return probe.stdout.strip() if probe.returncode == 0 else ""
-
-    want = f"{torch_version} {PEER_VERSION}"
-    if not os.path.exists(python):
-        print(f"creating {os.path.relpath(VENV, REPO)}", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
-    if installed() != want:
-        # Pinning torch keeps pip from pulling another release in with the package.
-        subprocess.run([python, "-m", "pip", "install", "-q", f"torch=={torch_version.split('+')[0]}",
-                        f"{PEER_PACKAGE}=={PEER_VERSION}"], check=True)
-        if installed() != want:
-            sys.exit(f"{VENV} has {installed() or '(nothing)'}; wanted torch and {PEER_PACKAGE}: {want}")
-    return python
-
-
-def run_child(python: str, spec: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), OMP_WAIT_POLICY="PASSIVE")
-    out = subprocess.run([python, os.path.abspath(__file__), "--_run", json.dumps(spec)], env=env, cwd=REPO,
-                         capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"{spec['side']} {spec['mode']} failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def spread(values: list[float]) -> dict:
-    q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
-    return {"median": statistics.median(values), "q1": q1, "q3": q3, "min": min(values), "max": max(values)}
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo", encoding="ascii") as f:
-        mem = int(re.search(r"MemTotal:\s+(\d+)", f.read()).group(1)) / 2**20
-    return f"{os.cpu_count()} cores (`{model}`), {mem:.0f} GiB RAM, {platform.platform()}"
+def peer_python(torch_version: str) -> str:
+    """bench/.venv-stylegan2's python, with the package and this interpreter's torch version."""
+    # Pinning torch keeps pip from pulling another release in with the package.
+    probe = f"import importlib.metadata as m, torch; print(torch.__version__, m.version({PEER_PACKAGE!r}))"
+    return venv_python(VENV, probe, f"{torch_version} {PEER_VERSION}",
+                       [f"torch=={torch_version.split('+')[0]}", f"{PEER_PACKAGE}=={PEER_VERSION}"])
 
 
 KILN_PATHS = ("modules/stylegan", "modules/gan/lit_module.py", "modules/blocks/adversarial.py", "modules/blocks/ada.py")
-
-
-def git_state() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    head = git("log", "-1", "--format=%h %s")
-    dirty = git("status", "--porcelain", "--", *KILN_PATHS)
-    return f"commit `{head[:60]}`" + (f", with uncommitted changes under {', '.join(KILN_PATHS)}" if dirty else "")
 
 
 def call(side: str) -> str:
@@ -489,13 +421,10 @@ def report(args, info: dict, runs: dict, profiles: dict, meta: dict) -> str:
         + ". 1-minute load average as each run started: "
         + ", ".join(f"{r['load1_before']:.2f}" for pair in zip(*(runs[s] for s in SIDES)) for r in pair)
         + f" (kiln, {name}, kiln, ...).", "",
-        f"- Command: `{meta['command']}`; {meta['elapsed_s'] / 60:.1f} minutes.",
-        f"- Machine: {meta['machine']}. Date: {meta['date']}, at {meta['git']}.",
-        f"- Versions: Python {kiln['versions']['python']}, torch {kiln['versions']['torch']}, Lightning "
-        f"{kiln['versions']['lightning']} (kiln side); torch {peer['versions']['torch']} with {PEER_PACKAGE} "
-        f"{peer['versions'][PEER_PACKAGE]} (Python {peer['versions']['python']}).",
-        f"- Load average (1 min): {meta['load_before']:.2f} before, {meta['load_after']:.2f} after "
-        f"(the benchmark itself keeps {args.threads} threads busy).",
+        *meta_lines(meta, f"Python {kiln['versions']['python']}, torch {kiln['versions']['torch']}, Lightning "
+                          f"{kiln['versions']['lightning']} (kiln side); torch {peer['versions']['torch']} with "
+                          f"{PEER_PACKAGE} {peer['versions'][PEER_PACKAGE]} (Python {peer['versions']['python']})",
+                    f" (the benchmark itself keeps {args.threads} threads busy)"),
         "- FLOPs: the formulas of `torch.utils.flop_counter` (its `flop_registry`, what `FlopCounterMode` "
         "sums), over a no-grad G forward of the batch (mapping included, z of 512), a D forward of the real "
         "batch, and one untimed iteration of each kind (forward, backward, and the penalties' double "
@@ -511,34 +440,9 @@ def report(args, info: dict, runs: dict, profiles: dict, meta: dict) -> str:
         lines += ["", "### Where the time goes", "",
                   f"`torch.profiler` over {args.profile_steps} iterations after {args.warmup} warm-up ones (a "
                   f"penalty every {R1_INTERVAL}, no path length), one fresh process per side; ops by self CPU "
-                  "time, ms per iteration (share of the iterations' self time, calls per iteration).", ""]
-        lines += ["| rank | " + " | ".join(f"{s} (self CPU {profiles[s]['self_cpu_ms_per_step']:.0f} ms/iteration)"
-                                        for s in SIDES) + " |", "|---|---|---|"]
-        for k in range(args.top):
-            cells = []
-            for side in SIDES:
-                top = profiles[side]["top"]
-                cells.append(f"`{top[k]['op']}` {top[k]['ms']:.0f} ({top[k]['share']:.0%}, {top[k]['calls']:.0f})"
-                             if k < len(top) else "")
-            lines.append(f"| {k + 1} | " + " | ".join(cells) + " |")
+                  "time, ms per iteration (share of the iterations' self time, calls per iteration).", "",
+                  *top_ops_table(profiles, args.top, unit="iteration")]
     return "\n".join(lines) + "\n"
-
-
-def write_section(section: str) -> None:
-    """Replace the section (its heading up to the next level-2 heading) in BENCHMARKS.md, or append it."""
-    with open(BENCHMARKS, encoding="utf-8") as f:
-        text = f.read()
-    start = text.find(f"\n{SECTION}\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        after = re.search(r"^## ", text[start + len(SECTION) + 2:], flags=re.M)
-        end = start + len(SECTION) + 2 + after.start() if after else len(text)
-        text = text[:start + 1] + section + ("\n" + text[end:] if after else "")
-    tmp = BENCHMARKS + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, BENCHMARKS)
 
 
 def main() -> None:
@@ -549,34 +453,27 @@ def main() -> None:
                         help="untimed iterations before the timed ones (the first has both regularisers)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on both sides")
-    parser.add_argument("--write", action="store_true", help=f"replace the '{SECTION[3:]}' section of BENCHMARKS.md")
-    parser.add_argument("--profile", action="store_true", help="only profile both sides and print the top ops")
-    parser.add_argument("--profile-steps", type=int, default=8, help="profiled iterations (with --profile or --write)")
-    parser.add_argument("--top", type=int, default=12, help="ops listed per side in the profile")
-    parser.add_argument("--_run", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args._run:
-        print(json.dumps(run_side(json.loads(args._run))))
-        return
+    add_write_and_profile(parser, SECTION, 8, "iterations")
+    args = parse_args(parser, run_side)
 
     import torch
 
-    t0, load_before = time.time(), os.getloadavg()[0]
-    pythons = {"kiln": sys.executable, SIDES[1]: venv_python(torch.__version__)}
+    t0, load_before = time.time(), load1()
+    pythons = {"kiln": sys.executable, SIDES[1]: peer_python(torch.__version__)}
     base = {"batch": args.batch, "threads": args.threads, "warmup": args.warmup, "steps": args.steps}
+
+    def child(spec: dict) -> dict:
+        return run_child(__file__, spec, f"{spec['side']} {spec['mode']}", pythons[spec["side"]])
 
     def profile_both() -> dict:
         spec = base | {"mode": "profile", "top": args.top, "steps": args.profile_steps}
-        return {side: run_child(pythons[side], spec | {"side": side}) for side in SIDES}
+        return {side: child(spec | {"side": side}) for side in SIDES}
 
     if args.profile:
-        for side, result in profile_both().items():
-            print(f"\n== {side}: self CPU {result['self_cpu_ms_per_step']:.0f} ms per iteration, top ops")
-            for row in result["top"]:
-                print(f"{row['ms']:9.1f} ms {row['share']:6.1%} {row['calls']:6.0f} calls  {row['op']}")
+        print_top_ops(profile_both(), unit="iteration")
         return
 
-    info = {side: run_child(pythons[side], base | {"mode": "info", "side": side}) for side in SIDES}
+    info = {side: child(base | {"mode": "info", "side": side}) for side in SIDES}
     if len({info[side]["batch_checksum"] for side in SIDES}) != 1:
         sys.exit("the two sides drew different batches")
     for side in SIDES:
@@ -589,41 +486,25 @@ def main() -> None:
           f"{k['g_forward_flops'] / p['g_forward_flops']:.4f}, D parameters {k['d_params'] / p['d_params']:.4f}, "
           f"D forward FLOPs {k['d_forward_flops'] / p['d_forward_flops']:.4f}", file=sys.stderr)
 
-    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
-    for round_ in range(args.rounds):
-        for side in SIDES:
-            load = os.getloadavg()[0]
-            result = run_child(pythons[side], base | {"mode": "time", "side": side})
-            result["load1_before"] = load
-            runs[side].append(result)
-            print(f"round {round_ + 1} {side}: {result['kimg_per_s']:.4f} kimg/s, median iteration "
-                  f"{statistics.median(result['wall_s']) * 1e3:.0f} ms, CPU {statistics.fmean(result['cpu_s']):.2f} s "
-                  f"per iteration, peak RSS {result['peak_rss_mib']:.0f} MiB, load {os.getloadavg()[0]:.2f}",
-                  file=sys.stderr)
+    runs = alternate(args.rounds, SIDES, lambda side, _: child(base | {"mode": "time", "side": side}),
+                     lambda r: f"{r['kimg_per_s']:.4f} kimg/s, median iteration "
+                               f"{statistics.median(r['wall_s']) * 1e3:.0f} ms, CPU "
+                               f"{statistics.fmean(r['cpu_s']):.2f} s per iteration, "
+                               f"peak RSS {r['peak_rss_mib']:.0f} MiB")
     profiles = profile_both() if args.write else {}
 
-    meta = {"command": shlex.join(["python3", os.path.relpath(os.path.abspath(__file__), REPO), *sys.argv[1:]]),
-            "machine": machine(), "git": git_state(), "load_before": load_before, "load_after": os.getloadavg()[0],
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "elapsed_s": time.time() - t0}
+    meta = run_meta(__file__, t0, load_before, KILN_PATHS)
     section = report(args, info, runs, profiles, meta)
     print(section)
-    if args.write:
-        write_section(section)
-        print(f"wrote the '{SECTION[3:]}' section of {os.path.relpath(BENCHMARKS)}", file=sys.stderr)
-    from common import write_result  # bench/results/stylegan.json for bench/run.py (bench/README.md)
-
     ratios = [k["kimg_per_s"] / p["kimg_per_s"] for k, p in zip(runs["kiln"], runs[SIDES[1]])]
-    write_result("stylegan", {
-        "section": SECTION[3:], "ratio": statistics.median(ratios),
+    save("stylegan", {
+        "ratio": statistics.median(ratios),
         "compared": f"kiln StyleGAN2Module / {PEER_PACKAGE} Trainer.train() iteration, kimg/s, matched G size",
-        "detail": f"rounds {min(ratios):.2f}-{max(ratios):.2f}; batch {args.batch}, {SIZE} px",
-        "command": meta["command"], "date": meta["date"], "load1": [meta["load_before"], meta["load_after"]],
-        "written": args.write, "ratios": ratios,
+        "detail": f"rounds {min(ratios):.2f}-{max(ratios):.2f}; batch {args.batch}, {SIZE} px", "ratios": ratios,
         "kimg_per_s": {side: [r["kimg_per_s"] for r in runs[side]] for side in SIDES},
         "cpu_s_per_iteration": {side: [statistics.fmean(r["cpu_s"]) for r in runs[side]] for side in SIDES},
         "peak_rss_mib": {side: [r["peak_rss_mib"] for r in runs[side]] for side in SIDES},
-        "info": info})
+        "info": info}, SECTION, section, meta, args.write)
 
 
 if __name__ == "__main__":
