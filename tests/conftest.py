@@ -29,6 +29,16 @@ def _reset_state():
         torch.distributed.destroy_process_group()
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one intra-op thread for the test (tiny tensors: on busy shared cores more threads cost
+    more than they save); modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
     """Tests never touch the user's ~/.cache/kiln or W&B settings."""
@@ -125,3 +135,101 @@ wandb:
   mode: disabled
 """)
     return path
+
+
+def kill_callback(step: int) -> str:
+    """A trainer callback entry that SIGKILLs the run at the start of step `step` + 1."""
+    return f"    - class_path: tests.killer.KillAt\n      init_args: {{step: {step}}}\n"
+
+
+def kiln_eval(ckpt: str, out: Path, *args: str, timeout: float = 3600) -> dict:
+    """`kiln eval` of `ckpt` with `args`; the scores it wrote to `out`."""
+    r = kiln("eval", "--ckpt", ckpt, "--out", str(out), *args, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(Path(out).read_text())
+
+
+# The digits (scikit-learn's 8x8 handwritten digits: 1,497 for training, 300 held out) and the
+# config blocks that train on them.
+def write_digits(tmp_path_factory, **options) -> Path:
+    """The digits shards in a fresh temporary folder; `options` go to `write_digits_shards`."""
+    from kiln.datamodules.builders import write_digits_shards
+
+    root = tmp_path_factory.mktemp("digits")
+    write_digits_shards(str(root), progress=False, **options)
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> Path:
+    """The digits at 8 px, 128 samples a shard, written once per session. A module whose tests
+    depend on another shard layout defines its own `digits` with `write_digits`."""
+    return write_digits(tmp_path_factory, shard_size=128)
+
+
+def digits_data(digits: Path | str, *, image_size: int, batch_size: int, mapper: str = "ImageClass",
+                val: bool = True, shuffle: bool = True, num_workers: int = 0) -> str:
+    """A `data:` block: the WebDataModule on the digits shards at `digits`, read through
+    kiln.datamodules.mappers.`mapper` at `image_size` (ImageClass: with the 10 classes), the held-out
+    split as validation data unless `val` is false."""
+    val_urls = f"    val_urls: {digits}/test/*.tar\n" if val else ""
+    classes = ", num_classes: 10" if mapper == "ImageClass" else ""
+    no_shuffle = "" if shuffle else "    shuffle: false\n"
+    return f"""\
+data:
+  class_path: kiln.datamodules.webdataset.WebDataModule
+  init_args:
+    train_urls: {digits}/train/*.tar
+{val_urls}\
+    mapper: {{class_path: kiln.datamodules.mappers.{mapper}, init_args: {{image_size: {image_size}{classes}}}}}
+    batch_size: {batch_size}
+{no_shuffle}\
+    num_workers: {num_workers}
+"""
+
+
+def tiny_on_digits(digits: Path | str, *, batch_size: int, steps: int) -> str:
+    """Layered over a family's configs/<family>/tiny.yaml: the digits at 16 px as its data, `steps`
+    steps, W&B off."""
+    return digits_data(digits, image_size=16, batch_size=batch_size) + f"""\
+wandb:
+  mode: disabled
+trainer:
+  max_steps: {steps}
+  enable_progress_bar: false
+"""
+
+
+def learn_on_digits(model: str, digits: Path | str, *, image_size: int, batch_size: int, steps: int,
+                    ema_decay: float, mapper: str = "ImageClass") -> str:
+    """A whole config: `model` (its `model:` block) trained on the digits for `steps` steps on the
+    CPU with an EMA of its weights at `ema_decay`; no validation, no sample grids during the run, W&B off."""
+    return model + digits_data(digits, image_size=image_size, batch_size=batch_size, mapper=mapper) + f"""\
+trainer:
+  accelerator: cpu
+  max_steps: {steps}
+  limit_val_batches: 0
+  enable_progress_bar: false
+  callbacks:
+    - class_path: kiln.trainers.ema.EMA
+      init_args: {{decay: {ema_decay}}}
+wandb:
+  mode: disabled
+samples:
+  every_n_train_steps: 100000
+"""
+
+
+def ema_and_checkpoints(every: int, kill_at: int | None = None) -> str:
+    """The end of a `trainer:` block and what follows it: the trainer's callbacks (EMA_CALLBACK, and
+    a KillAt at step `kill_at` when given), a checkpoint every `every` steps, no sample grids, W&B off."""
+    kill = kill_callback(kill_at) if kill_at is not None else ""
+    return f"""\
+  callbacks:
+{EMA_CALLBACK}{kill}checkpoint:
+  every_n_train_steps: {every}
+samples:
+  every_n_train_steps: 100000
+wandb:
+  mode: disabled
+"""

@@ -6,14 +6,13 @@ tests/test_gan_distributed.py; the full Fashion-MNIST check: tests/test_biggan_l
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from conftest import kiln
+from conftest import kiln, learn_on_digits, tiny_on_digits
 from kiln.modules.biggan.lit_module import BigGANModule
 from kiln.modules.biggan.networks import Generator, orthogonal_regularisation, truncated_normal
 from kiln.modules.blocks.cross_replica_bn import CrossReplicaBatchNorm2d, convert_cross_replica
@@ -24,12 +23,7 @@ TINY = dict(num_classes=10, image_size=16, channels=1, ch_g=8, g_channel_mult=[4
             shared_dim=16, ch_d=8, d_channel_mult=[1, 2, 4], d_downsample=[True, True, False], d_attention=[8])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _module(**overrides) -> BigGANModule:
@@ -170,36 +164,10 @@ def test_cross_replica_batchnorm_equals_one_process_with_the_whole_batch(tmp_pat
     assert y.mean((0, 2, 3)).abs().max() < 1e-5
 
 
-DIGITS = """\
-data:
-  class_path: kiln.datamodules.webdataset.WebDataModule
-  init_args:
-    train_urls: {digits}/train/*.tar
-    val_urls: {digits}/test/*.tar
-    mapper: {{class_path: kiln.datamodules.mappers.ImageClass, init_args: {{image_size: 16, num_classes: 10}}}}
-    batch_size: 32
-    num_workers: 0
-wandb:
-  mode: disabled
-trainer:
-  max_steps: {steps}
-  enable_progress_bar: false
-"""
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    from kiln.datamodules.builders import write_digits_shards
-
-    root = tmp_path_factory.mktemp("digits")
-    write_digits_shards(str(root), shard_size=128, progress=False)
-    return root
-
-
 def test_fit_sample_and_eval_from_the_tiny_config(digits, tmp_path):
     """configs/biggan/tiny.yaml with the digits shards as data (no Fashion-MNIST build in the suite)."""
     config = tmp_path / "digits.yaml"
-    config.write_text(DIGITS.format(digits=digits, steps=20))
+    config.write_text(tiny_on_digits(digits, batch_size=32, steps=20))
     run = tmp_path / "run"
     r = kiln("fit", "-c", "configs/biggan/tiny.yaml", "-c", str(config), "--run_dir", str(run))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -221,7 +189,7 @@ def test_fit_sample_and_eval_from_the_tiny_config(digits, tmp_path):
     assert scores["sampling/truncation"] == 0.5
 
 
-LEARN_DIGITS = """\
+LEARN_MODEL = """\
 model:
   class_path: kiln.modules.biggan.lit_module.BigGANModule
   init_args:
@@ -239,26 +207,6 @@ model:
     lr_g: 1.0e-3
     lr_d: 1.0e-3
     d_steps: 1
-data:
-  class_path: kiln.datamodules.webdataset.WebDataModule
-  init_args:
-    train_urls: {digits}/train/*.tar
-    val_urls: {digits}/test/*.tar
-    mapper: {{class_path: kiln.datamodules.mappers.ImageClass, init_args: {{image_size: 8, num_classes: 10}}}}
-    batch_size: 64
-    num_workers: 0
-trainer:
-  accelerator: cpu
-  max_steps: {steps}
-  limit_val_batches: 0
-  enable_progress_bar: false
-  callbacks:
-    - class_path: kiln.trainers.ema.EMA
-      init_args: {{decay: 0.99}}
-wandb:
-  mode: disabled
-samples:
-  every_n_train_steps: 100000
 """
 
 
@@ -268,7 +216,7 @@ def test_short_run_on_digits_draws_the_asked_class(digits, tmp_path):
     the digits judge's accuracy on EMA-G samples at truncation 1.0, far above chance (10%), and FID
     on the judge's features far below the untrained generator's."""
     config = tmp_path / "biggan-digits.yaml"
-    config.write_text(LEARN_DIGITS.format(digits=digits, steps=400))
+    config.write_text(learn_on_digits(LEARN_MODEL, digits, image_size=8, batch_size=64, steps=400, ema_decay=0.99))
     run = tmp_path / "run"
     r = kiln("fit", "-c", str(config), "--run_dir", str(run))
     assert r.returncode == 0, r.stderr[-3000:]

@@ -12,15 +12,9 @@ import json
 
 import pytest
 
-from conftest import kiln
+from conftest import kiln, kiln_eval
 
 pytestmark = pytest.mark.learning
-
-
-def _eval(ckpt: str, out, *args: str) -> dict:
-    r = kiln("eval", "--ckpt", ckpt, "--out", str(out), *args, timeout=3600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(out.read_text())
 
 
 def test_samples_show_the_class_asked_for(tmp_path):
@@ -29,8 +23,8 @@ def test_samples_show_the_class_asked_for(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = str(run / "checkpoints" / "last.ckpt")
     judged = ("--judge", "fashion-mnist", "--num-samples", "1000", "--metrics", "judge,precision_recall,fid")
-    by_truncation = {t: _eval(ckpt, tmp_path / f"t{t}.json", *judged, "--truncation", str(t),
-                              *(() if t == 1.0 else ("--no-untrained",)))
+    by_truncation = {t: kiln_eval(ckpt, tmp_path / f"t{t}.json", *judged, "--truncation", str(t),
+                                  *(() if t == 1.0 else ("--no-untrained",)))
                      for t in (1.0, 0.5)}
     print(json.dumps({"truncation": by_truncation}, indent=1, sort_keys=True))
     m = by_truncation[1.0]

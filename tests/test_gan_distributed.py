@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, kiln, read_metrics
+from conftest import REPO, digits_data, ema_and_checkpoints, kiln, read_metrics, write_digits
 from kiln.trainers.sharded import SafeReader, consolidate, read_pointer
 
 N, K = 4, 2  # steps; the resumed run is killed after K
@@ -39,17 +39,17 @@ FAMILIES = {
                  f"eps: {EPS}}}"),
     "biggan": ("configs/biggan/tiny.yaml", f"{{eps: {EPS}}}"),
 }
-CONFIG = """\
-model:
-  init_args: {model}
-data:
-  class_path: kiln.datamodules.webdataset.WebDataModule
-  init_args:
-    train_urls: {digits}/train/*.tar
-    mapper: {{class_path: kiln.datamodules.mappers.ImageClass, init_args: {{image_size: 16, num_classes: 10}}}}
-    batch_size: 16  # one whole shard per rank and step, in order: 1 rank x 32 sees the same global batches
-    shuffle: false
-    num_workers: 0
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    return write_digits(tmp_path_factory, size=16, shard_size=16, limit=128)
+
+
+def _config(model: str, digits: Path, kill: bool) -> str:
+    # batch_size 16: one whole shard per rank and step, in order: 1 rank x 32 sees the same global batches
+    return f"model:\n  init_args: {model}\n" + digits_data(digits, image_size=16, batch_size=16, val=False,
+                                                             shuffle=False) + f"""\
 trainer:
   accelerator: cpu
   devices: 2
@@ -58,26 +58,7 @@ trainer:
   enable_progress_bar: false
   plugins:
     - class_path: lightning.pytorch.plugins.precision.DoublePrecision
-  callbacks:
-    - class_path: kiln.trainers.ema.EMA
-      init_args: {{decay: 0.9}}
-{kill}checkpoint:
-  every_n_train_steps: {K}
-samples:
-  every_n_train_steps: 100000
-wandb:
-  mode: disabled
-"""
-KILL = "    - class_path: tests.killer.KillAt\n      init_args: {{step: {K}}}\n"
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    from kiln.datamodules.builders import write_digits_shards
-
-    root = tmp_path_factory.mktemp("digits")
-    write_digits_shards(str(root), size=16, shard_size=16, limit=128, progress=False)
-    return root
+""" + ema_and_checkpoints(every=K, kill_at=K if kill else None)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +77,7 @@ def runs(digits, tmp_path_factory):
 def _fit(tmp: Path, digits: Path, family: str, strategy: str, run: Path, kill: bool = False, *extra: str) -> Path:
     config, model = FAMILIES[family]
     path = tmp / f"{run.name}{'-kill' if kill else ''}.yaml"
-    path.write_text(CONFIG.format(model=model, digits=digits, N=N, K=K, kill=KILL.format(K=K) if kill else ""))
+    path.write_text(_config(model, digits, kill))
     if strategy == "single":
         extra = ("--trainer.devices", "1", "--data.init_args.batch_size", "32", *extra)
     r = kiln("fit", "-c", config, "-c", STRATEGIES[strategy], "-c", str(path), "--run_dir", str(run), *extra,

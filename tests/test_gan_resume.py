@@ -17,33 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, kiln, read_metrics
+from conftest import REPO, digits_data, ema_and_checkpoints, kiln, read_metrics, write_digits
 
 K, N = 3, 6  # killed after step K, runs go to N
-
-DATA = """\
-data:
-  class_path: kiln.datamodules.webdataset.WebDataModule
-  init_args:
-    train_urls: {digits}/train/*.tar
-    mapper: {{class_path: kiln.datamodules.mappers.ImageClass, init_args: {{image_size: 16, num_classes: 10}}}}
-    batch_size: 8
-    num_workers: 0
-trainer:
-  max_steps: {N}
-  log_every_n_steps: 1
-  enable_progress_bar: false
-  callbacks:
-    - class_path: kiln.trainers.ema.EMA
-      init_args: {{decay: 0.9}}
-{kill}checkpoint:
-  every_n_train_steps: {K}
-samples:
-  every_n_train_steps: 100000
-wandb:
-  mode: disabled
-"""
-KILL = "    - class_path: tests.killer.KillAt\n      init_args: {{step: {K}}}\n"
 
 FAMILIES = {
     # ADA on and moving (p starts at 0.2 and follows r_t either way), every phase lazy and due
@@ -59,17 +35,22 @@ model:
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
-    from kiln.datamodules.builders import write_digits_shards
+    return write_digits(tmp_path_factory, size=16, shard_size=32, limit=256)
 
-    root = tmp_path_factory.mktemp("digits")
-    write_digits_shards(str(root), size=16, shard_size=32, limit=256, progress=False)
-    return root
+
+def _config(model: str, digits: Path, kill: bool) -> str:
+    return model + digits_data(digits, image_size=16, batch_size=8, val=False) + f"""\
+trainer:
+  max_steps: {N}
+  log_every_n_steps: 1
+  enable_progress_bar: false
+""" + ema_and_checkpoints(every=K, kill_at=K if kill else None)
 
 
 def _fit(family: str, digits: Path, run: Path, kill: bool, *extra: str):
     config, model = FAMILIES[family]
     path = run.parent / f"{run.name}{'-kill' if kill else ''}.yaml"
-    path.write_text(model + DATA.format(digits=digits, N=N, K=K, kill=KILL.format(K=K) if kill else ""))
+    path.write_text(_config(model, digits, kill))
     return kiln("fit", "-c", config, "-c", str(path), "--run_dir", str(run), *extra, env={"PYTHONPATH": str(REPO)})
 
 

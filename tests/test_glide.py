@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, kiln
+from conftest import REPO, kiln, learn_on_digits
 from kiln.modules.clip.tokenizer import PAD, ByteTokenizer
 from kiln.modules.glide.lit_module import GLIDEModule
 from kiln.trainers.plan import plan
@@ -18,12 +18,7 @@ TINY = dict(image_size=8, channels=1, text={"context_length": 24, "width": 32, "
                   "head_channels": 16}, sample_steps=5)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trained_a_little(module: GLIDEModule) -> GLIDEModule:
@@ -78,16 +73,14 @@ def test_upsampler_takes_the_low_resolution_image():
         GLIDEModule(**{**TINY, "stage": "upsampler"})
 
 
-def test_upsampler_is_judged_on_real_inputs_beside_bicubic(tmp_path):
+def test_upsampler_is_judged_on_real_inputs_beside_bicubic(digits, tmp_path):
     """An upsampler without a base checkpoint: `evaluate_generative` feeds it the held-out images
     brought down to its input size and scores its output and bicubic upsampling side by side."""
-    from kiln.datamodules.builders import write_digits_shards
     from kiln.datamodules.mappers import ImageText
     from kiln.datamodules.webdataset import WebDataModule
     from kiln.trainers.evaluate import evaluate_generative
 
-    write_digits_shards(str(tmp_path), shard_size=128, progress=False)
-    data = WebDataModule(f"{tmp_path}/train/*.tar", ImageText(image_size=8), val_urls=f"{tmp_path}/test/*.tar",
+    data = WebDataModule(f"{digits}/train/*.tar", ImageText(image_size=8), val_urls=f"{digits}/test/*.tar",
                          batch_size=16, num_workers=0)
     module = _trained_a_little(GLIDEModule(**{**TINY, "stage": "upsampler", "image_size": 8, "low_res_size": 4}))
     [m] = evaluate_generative([module], data, ["l1", "fid", "kid"], extractor="judge-digits", num_samples=32,
@@ -99,18 +92,16 @@ def test_upsampler_is_judged_on_real_inputs_beside_bicubic(tmp_path):
         evaluate_generative([base], data, ["l1"], extractor="judge-digits", num_samples=16, batch_size=16)
 
 
-def test_upsampler_without_a_base_trains_past_the_sample_grid(tmp_path):
+def test_upsampler_without_a_base_trains_past_the_sample_grid(digits, tmp_path):
     """The upsampler alone has nothing to draw a grid from (`sample_grid()` is None): the
     SampleGrid callback skips it instead of ending the run (it once did, at step 500)."""
     import lightning as L
 
-    from kiln.datamodules.builders import write_digits_shards
     from kiln.datamodules.mappers import ImageText
     from kiln.datamodules.webdataset import WebDataModule
     from kiln.trainers.samples import SampleGrid
 
-    write_digits_shards(str(tmp_path), shard_size=128, progress=False)
-    data = WebDataModule(f"{tmp_path}/train/*.tar", ImageText(image_size=8), batch_size=8, num_workers=0)
+    data = WebDataModule(f"{digits}/train/*.tar", ImageText(image_size=8), batch_size=8, num_workers=0)
     module = GLIDEModule(**{**TINY, "stage": "upsampler", "image_size": 8, "low_res_size": 4, "warmup_steps": 1})
     trainer = L.Trainer(max_steps=2, callbacks=[SampleGrid(str(tmp_path / "run"), every_n_steps=1)], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -128,7 +119,7 @@ def test_paper_sizes(config, total):
         assert result["components"]["unet"] == pytest.approx(2.3e9, rel=0.05)
 
 
-DIGITS_CONFIG = """\
+LEARN_MODEL = """\
 model:
   class_path: kiln.modules.glide.lit_module.GLIDEModule
   init_args:
@@ -142,41 +133,18 @@ model:
     guidance_scale: 3.0
     grid_prompts: ["a handwritten digit 0", "a handwritten digit 1", "a handwritten digit 2"]
     eval_prompts: [{prompts}]
-data:
-  class_path: kiln.datamodules.webdataset.WebDataModule
-  init_args:
-    train_urls: {digits}/train/*.tar
-    val_urls: {digits}/test/*.tar
-    mapper: {{class_path: kiln.datamodules.mappers.ImageText, init_args: {{image_size: 8}}}}
-    batch_size: 64
-    num_workers: 0
-trainer:
-  accelerator: cpu
-  max_steps: {steps}
-  limit_val_batches: 0
-  enable_progress_bar: false
-  callbacks:
-    - class_path: kiln.trainers.ema.EMA
-      init_args: {{decay: 0.995}}
-wandb:
-  mode: disabled
-samples:
-  every_n_train_steps: 100000
 """
 
 
 @pytest.mark.slow
-def test_short_run_on_digits_draws_the_named_digit(tmp_path):
+def test_short_run_on_digits_draws_the_named_digit(digits, tmp_path):
     """The in-suite learning check: a minute of training on the 1,497 training digits, then
     `kiln eval` (judge accuracy of guided samples, FID on the judge's features vs untrained) and
     `kiln sample` from the checkpoint."""
-    from kiln.datamodules.builders import write_digits_shards
-
-    digits = tmp_path / "digits"
-    write_digits_shards(str(digits), shard_size=128, progress=False)
     prompts = ", ".join(f'"a handwritten digit {d}"' for d in range(10))
     config = tmp_path / "glide-digits.yaml"
-    config.write_text(DIGITS_CONFIG.format(digits=digits, prompts=prompts, steps=300))
+    config.write_text(learn_on_digits(LEARN_MODEL.format(prompts=prompts), digits, image_size=8, batch_size=64,
+                                      steps=300, ema_decay=0.995, mapper="ImageText"))
     run = tmp_path / "run"
     r = kiln("fit", "-c", str(config), "--run_dir", str(run), env={"PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr[-3000:]

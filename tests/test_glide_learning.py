@@ -14,15 +14,9 @@ import json
 
 import pytest
 
-from conftest import kiln
+from conftest import kiln, kiln_eval
 
 pytestmark = pytest.mark.learning
-
-
-def _eval(ckpt: str, out, *args: str) -> dict:
-    r = kiln("eval", "--ckpt", ckpt, "--out", str(out), *args, timeout=3600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(out.read_text())
 
 
 def test_base_draws_the_class_its_prompt_names(tmp_path):
@@ -35,10 +29,10 @@ def test_base_draws_the_class_its_prompt_names(tmp_path):
     by_scale = {}
     for scale in (1, 3, 5):
         extra = () if scale == 5 else ("--no-untrained", "--metrics", "judge")
-        by_scale[scale] = _eval(ckpt, tmp_path / f"scale{scale}.json", *judged, "--guidance-scale", str(scale), *extra)
-    samplers = {f"{name}-{steps}": _eval(ckpt, tmp_path / f"{name}.json", "--judge", "fashion-mnist",
-                                         "--num-samples", "200", "--metrics", "judge", "--no-untrained",
-                                         "--sampler", name, "--steps", str(steps), "--guidance-scale", "5")
+        by_scale[scale] = kiln_eval(ckpt, tmp_path / f"scale{scale}.json", *judged, "--guidance-scale", str(scale), *extra)
+    samplers = {f"{name}-{steps}": kiln_eval(ckpt, tmp_path / f"{name}.json", "--judge", "fashion-mnist",
+                                             "--num-samples", "200", "--metrics", "judge", "--no-untrained",
+                                             "--sampler", name, "--steps", str(steps), "--guidance-scale", "5")
                 for name, steps in (("dpmpp_2m_sde", 20), ("dpmpp_2m", 20), ("ddim", 20), ("ddpm", 250))}
     m = by_scale[5]
     print(json.dumps({"by_scale": by_scale, "samplers": samplers}, indent=1, sort_keys=True))
@@ -53,6 +47,6 @@ def test_upsampler_beats_bicubic(tmp_path):
     r = kiln("fit", "-c", "configs/glide/learn-upsampler.yaml", "--run_dir", str(run), "--wandb.mode", "disabled",
              timeout=3600)
     assert r.returncode == 0, r.stderr[-3000:]
-    m = _eval(str(run / "checkpoints" / "last.ckpt"), tmp_path / "sr.json", "--num-samples", "500", "--no-untrained")
+    m = kiln_eval(str(run / "checkpoints" / "last.ckpt"), tmp_path / "sr.json", "--num-samples", "500", "--no-untrained")
     print(json.dumps(m, indent=1, sort_keys=True))
     assert m["l1"] < m["l1_baseline"] and m["fid"] < m["fid_baseline"], m

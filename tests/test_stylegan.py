@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-from conftest import kiln
+from conftest import kiln, learn_on_digits, tiny_on_digits
 from kiln.modules.stylegan.lit_module import StyleGAN2Module, noise_regulariser
 from kiln.modules.stylegan.networks import EqualLinear, Generator, SynthesisLayer, minibatch_stddev, modulated_conv2d
 from kiln.trainers.plan import plan
@@ -22,12 +20,7 @@ TINY = dict(image_size=16, channels=1, z_dim=32, w_dim=32, mapping_layers=2, cha
             r1_gamma=0.05, grid_size=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _module(**overrides) -> StyleGAN2Module:
@@ -218,36 +211,10 @@ def test_paper_size():
     assert sum(p.numel() for p in mapping.parameters()) == pytest.approx(2.10e6, rel=0.05)
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    from kiln.datamodules.builders import write_digits_shards
-
-    root = tmp_path_factory.mktemp("digits")
-    write_digits_shards(str(root), shard_size=128, progress=False)
-    return root
-
-
-DIGITS = """\
-data:
-  class_path: kiln.datamodules.webdataset.WebDataModule
-  init_args:
-    train_urls: {digits}/train/*.tar
-    val_urls: {digits}/test/*.tar
-    mapper: {{class_path: kiln.datamodules.mappers.ImageClass, init_args: {{image_size: 16, num_classes: 10}}}}
-    batch_size: 16
-    num_workers: 0
-wandb:
-  mode: disabled
-trainer:
-  max_steps: {steps}
-  enable_progress_bar: false
-"""
-
-
 def test_fit_sample_project_and_eval_from_the_tiny_config(digits, tmp_path):
     """configs/stylegan/tiny.yaml (ADA on) with the digits shards as data."""
     config = tmp_path / "digits.yaml"
-    config.write_text(DIGITS.format(digits=digits, steps=20))
+    config.write_text(tiny_on_digits(digits, batch_size=16, steps=20))
     run = tmp_path / "run"
     r = kiln("fit", "-c", "configs/stylegan/tiny.yaml", "-c", str(config), "--run_dir", str(run))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -283,7 +250,7 @@ def test_fit_sample_project_and_eval_from_the_tiny_config(digits, tmp_path):
     assert {"fid", "kid", "fid_untrained", "kid_untrained"} <= set(scores) and scores["extractor"] == "judge-digits"
 
 
-LEARN_DIGITS = """\
+LEARN_MODEL = """\
 model:
   class_path: kiln.modules.stylegan.lit_module.StyleGAN2Module
   init_args:
@@ -298,26 +265,6 @@ model:
     lr_g: 0.005
     lr_d: 0.005
     grid_size: 4
-data:
-  class_path: kiln.datamodules.webdataset.WebDataModule
-  init_args:
-    train_urls: {digits}/train/*.tar
-    val_urls: {digits}/test/*.tar
-    mapper: {{class_path: kiln.datamodules.mappers.ImageClass, init_args: {{image_size: 8, num_classes: 10}}}}
-    batch_size: 32
-    num_workers: 0
-trainer:
-  accelerator: cpu
-  max_steps: {steps}
-  limit_val_batches: 0
-  enable_progress_bar: false
-  callbacks:
-    - class_path: kiln.trainers.ema.EMA
-      init_args: {{decay: 0.99}}
-wandb:
-  mode: disabled
-samples:
-  every_n_train_steps: 100000
 """
 
 
@@ -327,7 +274,7 @@ def test_short_run_on_digits_learns(digits, tmp_path):
     one core's CPU time), then FID and KID of EMA-G samples on the digits judge's features, far below
     the untrained generator's."""
     config = tmp_path / "stylegan-digits.yaml"
-    config.write_text(LEARN_DIGITS.format(digits=digits, steps=400))
+    config.write_text(learn_on_digits(LEARN_MODEL, digits, image_size=8, batch_size=32, steps=400, ema_decay=0.99))
     run = tmp_path / "run"
     r = kiln("fit", "-c", str(config), "--run_dir", str(run))
     assert r.returncode == 0, r.stderr[-3000:]
