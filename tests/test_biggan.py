@@ -138,7 +138,9 @@ def test_paper_size():
 def _two_ranks(rank: int, world: int, init: str, x: torch.Tensor, w: torch.Tensor, out: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.manual_seed(0)
-    bn = convert_cross_replica(nn.Sequential(nn.BatchNorm2d(3)))[0]
+    from torch.distributed.nn.functional import all_reduce  # differentiable; training code passes its own
+
+    bn = convert_cross_replica(nn.Sequential(nn.BatchNorm2d(3)), all_reduce)[0]
     assert isinstance(bn, CrossReplicaBatchNorm2d)
     share = x.chunk(world)[rank].clone().requires_grad_(True)
     (bn(share) * w.chunk(world)[rank]).sum().backward()

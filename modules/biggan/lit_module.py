@@ -7,6 +7,8 @@ Sampling uses the truncation trick: latent entries beyond the threshold are redr
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -96,7 +98,7 @@ class BigGANModule(AdversarialModule):
 
     def configure_model(self) -> None:
         if self.hparams.cross_replica_bn and self.trainer.world_size > 1:
-            convert_cross_replica(self.generator)
+            convert_cross_replica(self.generator, functools.partial(self.sum_over_ranks, differentiable=True))
 
     # -- training --------------------------------------------------------------------------------
     def _images(self, images: Tensor) -> Tensor:

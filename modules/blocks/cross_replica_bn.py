@@ -3,32 +3,35 @@ BatchNorm"): batch statistics over the whole global batch, not each replica's sh
 
 torch.nn.SyncBatchNorm does this on GPUs only (it refuses CPU tensors), so kiln has its own,
 for every device and backend: each replica's per-channel sum, sum of squares and count are
-added up by one differentiable all-reduce (its backward all-reduces the gradient the same way),
-giving the statistics, and the gradients, of one process holding the whole batch. Outside
-training, or in a single process, it is plain BatchNorm2d (same parameters and buffers, so
-checkpoints move freely between the two).
+added up by one differentiable sum over ranks (its backward sums the gradient the same way),
+giving the statistics, and the gradients, of one process holding the whole batch. The layer
+does no communication itself: the training code that knows the ranks (BigGAN's LightningModule)
+hands it the sum. Outside training, or without a sum, it is plain BatchNorm2d (same parameters
+and buffers, so checkpoints move freely between the two).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+SumOverRanks = Callable[[Tensor], Tensor]
 
 
 class CrossReplicaBatchNorm2d(nn.BatchNorm2d):
-    def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and _distributed()):
-            return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
+    """BatchNorm2d whose training statistics are summed over ranks by `sum_over_ranks`, a
+    differentiable sum of a tensor over all ranks (None: plain BatchNorm2d)."""
 
+    sum_over_ranks: SumOverRanks | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and self.sum_over_ranks is not None):
+            return super().forward(x)
         c = x.shape[1]
         local = torch.cat([x.sum((0, 2, 3)), x.square().sum((0, 2, 3)),
                            x.new_full((1,), x.numel() / c)])
-        total = all_reduce(local)  # differentiable sum over ranks
+        total = self.sum_over_ranks(local)
         count = total[-1]
         mean = total[:c] / count
         var = (total[c:2 * c] / count - mean.square()).clamp_min(0)  # biased, as BatchNorm normalises
@@ -44,16 +47,17 @@ class CrossReplicaBatchNorm2d(nn.BatchNorm2d):
         return y
 
 
-def convert_cross_replica(module: nn.Module) -> nn.Module:
-    """Every BatchNorm2d in `module` made cross-replica, in place, sharing its parameters and
-    buffers (so optimisers and state dicts are unaffected); returns `module`."""
+def convert_cross_replica(module: nn.Module, sum_over_ranks: SumOverRanks) -> nn.Module:
+    """Every BatchNorm2d in `module` made cross-replica over `sum_over_ranks`, in place, sharing
+    its parameters and buffers (so optimisers and state dicts are unaffected); returns `module`."""
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
             replacement = CrossReplicaBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
                                                   child.track_running_stats, device="meta")
             replacement._parameters, replacement._buffers = child._parameters, child._buffers
+            replacement.sum_over_ranks = sum_over_ranks
             replacement.train(child.training)
             setattr(module, name, replacement)
         else:
-            convert_cross_replica(child)
+            convert_cross_replica(child, sum_over_ranks)
     return module

@@ -169,8 +169,13 @@ class AdversarialModule(L.LightningModule):
         noise = torch.randn(world * n, *shape, device=self.device)
         return noise[rank * n:(rank + 1) * n] if world > 1 else noise
 
-    def sum_over_ranks(self, tensor: Tensor) -> Tensor:
-        return self.trainer.strategy.reduce(tensor, reduce_op="sum") if self.share()[1] > 1 else tensor
+    def sum_over_ranks(self, tensor: Tensor, differentiable: bool = False) -> Tensor:
+        """The sum of `tensor` over ranks; with `differentiable`, gradients flow back to every rank's."""
+        if self.share()[1] == 1:
+            return tensor
+        if differentiable:
+            return self.all_gather(tensor, sync_grads=True).sum(0)
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
 
     def mean_over_ranks(self, tensor: Tensor, differentiable: bool = False) -> Tensor:
         """The mean over ranks of a per-rank mean (equal shares: the global batch's mean); with
