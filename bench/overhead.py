@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -49,179 +48,12 @@ import lightning as L
 
 from common import (REPO, alternate, load1, meta_lines, parse_args, peak_rss_mib, rss_mib, run_child, run_meta, save,
                     spread, sync, versions)
+from instruments import PHASES, Marks, rusage_counters, thread_cpu, thread_split
 
 SECTION = "## Framework overhead"
 CONFIGS = {"clip": "configs/clip/tiny.yaml", "glide": "configs/glide/tiny.yaml"}
 SIDES = ("kiln", "bare")
 HEADLINE = {True: "median", False: "mean"}  # on CPU (True) the ratio of median step times; on a GPU, of means
-
-
-def _thread_cpu() -> dict[int, list]:
-    """CPU seconds of each thread of this process, by thread id, with its Python name where it
-    has one (OpenMP workers and other native threads have none)."""
-    import threading
-
-    names = {t.native_id: t.name for t in threading.enumerate()}
-    main = threading.main_thread().native_id
-    tick = os.sysconf("SC_CLK_TCK")
-    out = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/stat", encoding="ascii") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        tid = int(tid)
-        name = "main" if tid == main else names.get(tid, "native (OpenMP, ...)")
-        out[tid] = [name, (int(fields[11]) + int(fields[12])) / tick]
-    return out
-
-
-def _thread_split(before: dict, after: dict) -> dict[str, float]:
-    """CPU seconds spent between two `_thread_cpu` snapshots, summed by thread name."""
-    split: dict[str, float] = {}
-    for tid, (name, cpu) in after.items():
-        name = name.split("-")[0] if name.startswith("Thread-") else name
-        split[name] = split.get(name, 0.0) + cpu - before.get(tid, [name, 0.0])[1]
-    return split
-
-
-def _rusage() -> list[int]:
-    """Minor page faults, voluntary and involuntary context switches of this process so far."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return [r.ru_minflt, r.ru_nvcsw, r.ru_nivcsw]
-
-
-# -- what kiln's side runs with (imported by jsonargparse as `overhead.InMemoryData` / `overhead.StepClock`) --
-
-class _Repeat:
-    def __init__(self, batch, n: int):
-        self.batch, self.n = batch, n
-
-    def __iter__(self):
-        return (self.batch for _ in range(self.n))
-
-    def __len__(self) -> int:
-        return self.n
-
-
-class InMemoryData(L.LightningDataModule):
-    """The same batch (loaded from `path`) at every step, `steps` times."""
-
-    def __init__(self, path: str, steps: int):
-        super().__init__()
-        self.path, self.steps = path, steps
-
-    def setup(self, stage: str) -> None:
-        import torch
-
-        self.batch = torch.load(self.path, weights_only=True)
-
-    def train_dataloader(self):
-        return _Repeat(self.batch, self.steps)
-
-
-PHASES = ("between steps", "zero_grad, forward, loss", "backward", "update")
-
-
-class _Marks:
-    """(wall, CPU) stamps at the phase boundaries of each step: start, before backward, after
-    backward, end; `phases` turns them into each phase's mean per timed step."""
-
-    def __init__(self):
-        self.steps: list[dict[str, tuple[float, float]]] = []
-
-    def mark(self, name: str) -> None:
-        if name == "start":
-            self.steps.append({})
-        self.steps[-1][name] = (time.perf_counter(), time.process_time())
-
-    def phases(self, warmup: int) -> dict[str, list[float]]:
-        """phase -> [wall s, CPU s], means over the steps after `warmup` (each from the previous end)."""
-        order = ("start", "backward", "update", "end")
-        out = {p: [0.0, 0.0] for p in PHASES}
-        timed = list(zip(self.steps[warmup:], self.steps[warmup + 1:]))
-        for prev, step in timed:
-            bounds = [prev["end"]] + [step[k] for k in order]
-            for phase, a, b in zip(PHASES, bounds, bounds[1:]):
-                out[phase][0] += (b[0] - a[0]) / len(timed)
-                out[phase][1] += (b[1] - a[1]) / len(timed)
-        return out
-
-
-def _timed(fn, into: list[float]):
-    """`fn`, adding each call's wall and CPU seconds to into[0] and into[1]."""
-    def wrapper(*args, **kwargs):
-        w, c = time.perf_counter(), time.process_time()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            into[0] += time.perf_counter() - w
-            into[1] += time.process_time() - c
-
-    return wrapper
-
-
-class StepClock(L.Callback):
-    """Stamps each step's phases (Lightning's hooks) and end; times `self.log` and the EMA update by
-    thin wrappers (no profiler); at the end of training writes it all to `out`."""
-
-    def __init__(self, out: str, warmup: int, steps: int, device: str = "cpu"):
-        self.out, self.warmup, self.steps, self.device = out, warmup, steps, device
-        self.wall: list[float] = []
-        self.cpu: list[float] = []
-        self.loss0 = None
-        self.marks = _Marks()
-        self.log_s, self.ema_s = [0.0, 0.0], [0.0, 0.0]
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        import torch
-
-        self.rss_before = rss_mib()
-        self.threads = torch.get_num_threads()
-        self.callbacks = [type(c).__name__ for c in trainer.callbacks]
-        self.loggers = [type(lg).__name__ for lg in trainer.loggers]
-        self.precision = str(trainer.precision)
-        pl_module.log = _timed(pl_module.log, self.log_s)
-        for callback in trainer.callbacks:
-            if type(callback).__name__ == "EMA":
-                callback.on_train_batch_end = _timed(callback.on_train_batch_end, self.ema_s)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.marks.mark("start")
-
-    def on_before_backward(self, trainer, pl_module, loss) -> None:
-        self.marks.mark("backward")
-
-    def on_after_backward(self, trainer, pl_module) -> None:
-        self.marks.mark("update")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if len(self.wall) in (self.warmup, self.warmup + self.steps):  # the timed window's ends
-            sync(self.device)
-        self.marks.mark("end")
-        self.wall.append(time.perf_counter())
-        self.cpu.append(time.process_time())
-        if self.loss0 is None:
-            self.loss0 = float(outputs["loss"])
-        if len(self.wall) == self.warmup + 1:
-            self.threads_before = _thread_cpu()
-            self.log_before, self.ema_before = list(self.log_s), list(self.ema_s)
-            self.rusage_before = _rusage()
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        split = _thread_split(self.threads_before, _thread_cpu())
-        steps = len(self.wall) - self.warmup - 1
-        phases = self.marks.phases(self.warmup)
-        phases["of which self.log"] = [(a - b) / steps for a, b in zip(self.log_s, self.log_before)]
-        phases["of which EMA"] = [(a - b) / steps for a, b in zip(self.ema_s, self.ema_before)]
-        result = {"stamps_wall": self.wall, "stamps_cpu": self.cpu, "loss0": self.loss0, "thread_cpu_s": split,
-                  "phases": phases, "rusage_per_step": [(a - b) / steps for a, b in zip(_rusage(), self.rusage_before)],
-                  "rss_before_step_mib": self.rss_before, "peak_rss_mib": peak_rss_mib(),
-                  "threads": self.threads, "callbacks": self.callbacks, "loggers": self.loggers,
-                  "precision": self.precision}
-        with open(self.out, "w", encoding="utf-8") as f:
-            json.dump(result, f)
 
 
 # -- the bare loop --------------------------------------------------------------------------------
@@ -289,7 +121,7 @@ def run_bare(spec: dict) -> dict:
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if spec["precision"] == "bf16-mixed"
                 else torch.autocast(device.type, enabled=False))
     rss_before = rss_mib()
-    wall, cpu, loss0, marks = [], [], None, _Marks()
+    wall, cpu, loss0, marks = [], [], None, Marks()
     for i in range(total):
         marks.mark("start")
         optimizer.zero_grad(set_to_none=True)
@@ -309,9 +141,9 @@ def run_bare(spec: dict) -> dict:
         if loss0 is None:
             loss0 = float(loss)
         if i == spec["warmup"]:
-            threads_before, rusage_before = _thread_cpu(), _rusage()
-    split = _thread_split(threads_before, _thread_cpu())
-    rusage = [(a - b) / spec["steps"] for a, b in zip(_rusage(), rusage_before)]
+            threads_before, rusage_before = thread_cpu(), rusage_counters()
+    split = thread_split(threads_before, thread_cpu())
+    rusage = [(a - b) / spec["steps"] for a, b in zip(rusage_counters(), rusage_before)]
     out = {"stamps_wall": wall, "stamps_cpu": cpu, "loss0": loss0, "rss_before_step_mib": rss_before,
            "thread_cpu_s": split, "phases": marks.phases(spec["warmup"]), "rusage_per_step": rusage,
            "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
@@ -341,12 +173,12 @@ def run_kiln(spec: dict) -> dict:
     config = _config(spec["model"])
     total = spec["warmup"] + spec["steps"] + 1
     clock = os.path.join(spec["tmp"], f"clock-{spec['model']}-{os.getpid()}.json")
-    config["data"] = {"class_path": "overhead.InMemoryData", "init_args": {"path": spec["batch"], "steps": total}}
+    config["data"] = {"class_path": "instruments.InMemoryData", "init_args": {"path": spec["batch"], "steps": total}}
     trainer = config.setdefault("trainer", {})
     trainer["max_steps"] = total
     trainer.pop("max_time", None)  # a time limit must not end the timed steps early
     callbacks = list(trainer.get("callbacks") or [])
-    trainer["callbacks"] = callbacks + [{"class_path": "overhead.StepClock",
+    trainer["callbacks"] = callbacks + [{"class_path": "instruments.StepClock",
                                          "init_args": {"out": clock, "warmup": spec["warmup"],
                                                                        "steps": spec["steps"], "device": spec["device"]}}]
     if spec["device"] != "cpu":
@@ -503,7 +335,7 @@ def _top_ops(prof, steps: int, top: int = 15) -> list[dict]:
 
 def child(spec: dict) -> dict:
     """A side, a batch's preparation or a profile in a fresh process, in the run's temporary folder
-    (where `kiln fit` leaves its run), with bench/ on PYTHONPATH for jsonargparse (`overhead.StepClock`)."""
+    (where `kiln fit` leaves its run), with bench/ on PYTHONPATH for jsonargparse (`instruments.StepClock`)."""
     path = os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH")]))
     return run_child(__file__, spec, f"{spec['model']} {spec.get('side', '')} {spec['mode']}", cwd=spec["tmp"],
                      WANDB_SILENT="true", PYTHONPATH=path)
