@@ -32,7 +32,8 @@ under the python of bench/.venv-openclip (torch, torchvision and open-clip-torch
 kiln's sides with `kiln.*` mapped onto this checkout, so all sides run the same torch and kernels. Every
 run is a fresh process, so each side's peak memory is its own; the sides alternate, the order rotating
 each round, and each round's ratios compare that round's runs. All sides get the same
-`torch.set_num_threads`, OMP_NUM_THREADS and OMP_WAIT_POLICY=PASSIVE (what `kiln` sets).
+`torch.set_num_threads`, OMP_NUM_THREADS and the process settings `kiln` makes for itself (launch/host.py: OMP_WAIT_POLICY=PASSIVE,
+glibc malloc thresholds).
 
 Every measuring run leaves bench/results/clip.json (bench/README.md, "Result files"); --write also
 replaces the "CLIP" section of BENCHMARKS.md (or appends it) with the table, the configurations, the

@@ -109,9 +109,11 @@ def parse_args(parser: argparse.ArgumentParser, run_side) -> argparse.Namespace:
 def run_child(script: str, spec: dict, label: str, python: str = sys.executable, cwd: str = REPO,
               **env: str) -> dict:
     """`script --_run SPEC` in a fresh process (under `python`), its last stdout line as JSON; with
-    spec["threads"] threads and OMP_WAIT_POLICY=PASSIVE, as `kiln` sets it (spinning OpenMP threads
-    on busy cores starve everything else), and `env` on top."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), OMP_WAIT_POLICY="PASSIVE", **env)
+    spec["threads"] threads and the process settings `kiln` makes for itself (launch/host.py:
+    OMP_WAIT_POLICY=PASSIVE, glibc malloc thresholds), whichever side it runs, and `env` on top."""
+    from kiln.launch.host import MALLOC_ENV
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), OMP_WAIT_POLICY="PASSIVE", **MALLOC_ENV, **env)
     out = subprocess.run([python, os.path.abspath(script), "--_run", json.dumps(spec)], env=env, cwd=cwd,
                          capture_output=True, text=True)
     if out.returncode:

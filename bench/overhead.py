@@ -25,7 +25,8 @@ temporary file that both sides load. A step's time is the time between consecuti
 (kiln: `on_train_batch_end`; bare: the loop), so on kiln's side it holds everything Lightning does
 per step. Every run is a fresh process; the sides alternate (kiln, bare, kiln, ...) and each round's
 ratio compares that round's two runs, from median step times on CPU. Both sides: the same
-`torch.set_num_threads`, OMP_NUM_THREADS and OMP_WAIT_POLICY=PASSIVE (what `kiln` sets). On CUDA
+`torch.set_num_threads`, OMP_NUM_THREADS and the process settings `kiln` makes for itself (launch/host.py:
+OMP_WAIT_POLICY=PASSIVE, glibc malloc thresholds). On CUDA
 only the timed window's two ends wait for the GPU (`torch.cuda.synchronize`), so the host runs
 ahead as in training, a step's own time is not the GPU's, and the ratio is from mean step times
 (the window's length); a side that waits for the GPU inside a step (reading a loss for a progress

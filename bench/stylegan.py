@@ -38,7 +38,8 @@ bench/.venv-stylegan2, which this script creates when missing (with the torch ve
 calling interpreter, so both sides run the same kernels). Every run is a fresh process, so each
 side's peak memory is its own; the sides alternate (kiln, peer, kiln, peer, ...) and each round's
 ratio compares the two runs of that round. Both sides get the same `torch.set_num_threads`,
-OMP_NUM_THREADS and OMP_WAIT_POLICY=PASSIVE (what `kiln` sets).
+OMP_NUM_THREADS and the process settings `kiln` makes for itself (launch/host.py: OMP_WAIT_POLICY=PASSIVE,
+glibc malloc thresholds).
 
 --write replaces the "StyleGAN2" section of BENCHMARKS.md (or appends it) with the table, the
 configurations, the command, machine, date and versions, and a short profile of each side.

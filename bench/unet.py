@@ -15,8 +15,9 @@ bench/.venv-diffusers, which this script creates when missing (with the torch ve
 calling interpreter, so both sides run the same kernels); kiln's side runs under the calling
 python. Every run is a fresh process, so each side's peak memory is its own; the sides alternate
 (kiln, diffusers, kiln, diffusers, ...) and each round's ratio compares the two runs of that
-round. Both sides get the same `torch.set_num_threads` (and OMP_NUM_THREADS), and
-OMP_WAIT_POLICY=PASSIVE (what `kiln` sets).
+round. Both sides get the same `torch.set_num_threads` (and OMP_NUM_THREADS), and the
+process settings `kiln` makes for itself (launch/host.py: OMP_WAIT_POLICY=PASSIVE and glibc
+malloc thresholds that keep freed activations in the process).
 
 --write replaces the "Diffusion U-Net" section of BENCHMARKS.md (or appends it) with the table,
 the configurations, the command, machine, date and versions, and a short profile of each side.
@@ -152,8 +153,9 @@ def report(args, info: dict, runs: dict, ratios: list[float], profiles: dict, me
         "kiln's `context_mode=\"cross\"`, `ff_mult`), 32 channels per head. diffusers' transformer "
         "block also has linear projections in and out, which kiln's lacks; kiln's feed-forward is wider "
         "instead (5x against 4x) and its timestep embedding narrower. Each run is a "
-        "fresh process (diffusers' under bench/.venv-diffusers, same torch), with OMP_WAIT_POLICY=PASSIVE "
-        "(what `kiln` sets); the sides alternate, "
+        "fresh process (diffusers' under bench/.venv-diffusers, same torch), with the process "
+        "settings `kiln` makes for itself on both sides (launch/host.py: OMP_WAIT_POLICY=PASSIVE, glibc malloc "
+        "thresholds that keep freed activations instead of faulting them in again each step); the sides alternate, "
         f"{args.rounds} rounds of {args.warmup} warm-up and {args.steps} timed steps each.", "",
         f"- **kiln**: `{call('kiln')}`",
         f"- **diffusers**: `{call('diffusers')}`", "",

@@ -11,9 +11,12 @@ from unittest.mock import patch
 
 import pytest
 
-# As `kiln` itself does (trainers/cli.py): idle OpenMP threads sleep instead of spinning, so the
-# test process, its kiln subprocesses and their data workers can share 2 cores.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from kiln.launch import host  # noqa: E402
+
+# As `kiln` itself does (launch/host.py): idle OpenMP threads sleep instead of spinning, so the
+# test process, its kiln subprocesses and their data workers can share 2 cores; freed activations
+# stay in the process instead of being faulted in again every step.
+host.configure()
 
 import torch  # noqa: E402 - after the OpenMP setting
 

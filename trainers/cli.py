@@ -20,10 +20,11 @@ import os
 import re
 import sys
 
-# OpenMP threads that spin while waiting (libgomp's default) starve everything else on the cores:
-# data workers, other ranks, other jobs. Measured on 2 cores beside one busy process: a small
-# U-Net step took 5.8 s spinning and 0.10 s passive. Must be set before torch loads OpenMP.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from kiln.launch import host
+
+# Sleeping OpenMP threads and malloc thresholds that keep freed activations (launch/host.py);
+# before torch loads OpenMP.
+host.configure()
 from dataclasses import dataclass, field
 from typing import Literal
 
