@@ -262,10 +262,17 @@ def replace_file(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def result_path(row: str, written: bool) -> str:
+    """bench/results/<row>.json, the figures of record, for a run that also rewrote its BENCHMARKS.md
+    section (`--write`); bench/results/<row>.scratch.json (git-ignored) for any other run, so
+    a look never rewrites the tracked file."""
+    return os.path.join(RESULTS, f"{row}.json" if written else f"{row}.scratch.json")
+
+
 def write_result(row: str, result: dict) -> str:
-    """bench/results/<row>.json: the row's headline in the shape bench/run.py reads."""
+    """The row's headline in the shape bench/run.py reads, at `result_path(row, result["written"])`."""
     os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"{row}.json")
+    path = result_path(row, bool(result.get("written")))
     replace_file(path, json.dumps({"row": row, **result}, indent=1) + "\n")
     return path
 
