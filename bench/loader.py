@@ -1,7 +1,8 @@
-"""Data loader benchmark: kiln's `ShardPipeline` against a bare tar + PIL loop on one JPEG shard set.
+"""Data loader benchmark: kiln's `ShardPipeline` against a bare tar + PIL loop on one JPEG shard set,
+and against litdata and mosaicml-streaming on the same JPEGs converted to their formats.
 
     python bench/loader.py [--samples N] [--workers 2,0] [--size S] [--batch-size B] [--repeats R]
-                           [--no-s3] [--no-unshuffled] [--no-uint8] [--out table.md | results.json]
+                           [--no-s3] [--no-unshuffled] [--no-uint8] [--no-peers] [--out table.md | results.json]
     python bench/loader.py --profile    # stage costs and cProfile of both loaders, in-process
     python bench/loader.py --write      # also the table and run details in BENCHMARKS.md's "Data loader"
 
@@ -19,11 +20,22 @@ kiln, ...), and reports medians and the kiln / bare ratio measured within each r
 * kiln, uint8 mapper: the same pipeline with a mapper that returns the image as the bare loop
   does (uint8, no normalisation), to tell the pipeline's cost from `ImageClass`'s.
 * kiln S3: the same as kiln, from a moto S3 server on loopback (which shares the CPUs).
+* litdata / mosaicml-streaming (the peers, at the first worker count): the same JPEG bytes and
+  labels converted once (cached beside the shards) with `litdata.optimize` (chunks of 256
+  samples) and `streaming.MDSWriter` (shards of about 256 samples), both as a raw `bytes` column
+  and an int column, read with each library's `StreamingDataset` (shuffle on) and
+  `StreamingDataLoader` (batch_size=B, num_workers=W); each sample is decoded with PIL into the
+  uint8 tensor and label the bare loop yields, in the dataset's per-sample hook (litdata's
+  `transform`, a `__getitem__` override for streaming). From S3 too: litdata downloads chunks
+  into a fresh cache folder, streaming into a fresh `local` folder, per run. They run under
+  bench/.venv-streaming (created on first use, this interpreter's torch version), never in
+  the test environment; see `peer_python`.
 
 Per run: samples/s over the pass (and without the first batch), time from `iter(loader)` to the
-first batch (worker start-up included), the peak of the summed PSS (and RSS) of the process and
-its DataLoader workers, and the CPU time per sample spent in the process and in the workers
-(which, unlike samples/s, barely moves when other jobs share the cores).
+first batch (worker start-up included) and the time building the dataset and loader took before
+it (after the imports; the peers read their index there), the peak of the summed PSS (and RSS)
+of the process and its DataLoader workers, and the CPU time per sample spent in the process and
+in the workers (which, unlike samples/s, barely moves when other jobs share the cores).
 """
 from __future__ import annotations
 
@@ -34,19 +46,33 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 
-from common import BENCHMARKS, machine, write_result
+from common import BENCHMARKS, machine, venv_python, write_result
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "kiln-bench"
 SHARD_SIZE = 256
 BUILD_VERSION = 1
+# The peers: pinned, in their own venv. Bump CONVERT_VERSION when the conversion changes.
+VENV = os.path.join(REPO, "bench", ".venv-streaming")
+PEER_VERSIONS = {"litdata": "0.2.76", "mosaicml-streaming": "0.13.0"}
+CONVERT_VERSION = 1
+PEER_LABELS = {"litdata": "litdata", "mosaic": "mosaicml-streaming"}
+# What the peers import on the paths used here, installed before the peers themselves, which go
+# in with --no-deps: both declare torchvision (the builds on disk need another torch than the
+# pinned one), and streaming also declares cloud SDKs (Azure, GCS, OCI, SFTP) and matplotlib that
+# it imports only for other stores and tools.
+PEER_DEPS = ["numpy<2.2", "pillow", "psutil", "boto3<2", "lightning-utilities", "filelock", "requests", "obstore",
+             "xxhash<4", "zstd<2", "brotli", "python-snappy<1", "transformers<5", "tqdm", "catalogue<3"]
+_TEMP: list[str] = []  # a child's own temporary directory (download caches, lock files), removed when it ends
 
 
 # -- the shard set ------------------------------------------------------------------------------
@@ -130,12 +156,141 @@ class Uint8Image:
         return {"image": torch.from_numpy(np.array(sample["jpg"])), "label": sample["cls"]}
 
 
+# -- the peers: litdata and mosaicml-streaming -----------------------------------------------------
+
+def tar_samples(path: str):
+    """The samples of one tar shard as {"jpg": the JPEG's bytes, "cls": int}, in shard order: what
+    both conversions store."""
+    sample: dict = {}
+    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            if member.name.endswith(".cls"):
+                sample["cls"] = int(tar.extractfile(member).read())
+            elif member.name.endswith(".jpg"):
+                sample["jpg"] = tar.extractfile(member).read()
+            if len(sample) == 2:
+                yield sample
+                sample = {}
+
+
+def decode_item(item: dict) -> dict:
+    """A peer's stored sample decoded as the bare loop decodes it: the uint8 (H, W, 3) tensor and the label."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(item["jpg"])).convert("RGB")
+    return {"image": torch.from_numpy(np.array(image)), "label": item["cls"]}
+
+
+def stub_torchvision() -> None:
+    """`import streaming` imports its torchvision datasets (streaming.vision), which this benchmark
+    never uses, and the torchvision builds on disk need another torch than the pinned one. Where
+    torchvision is missing, stand-in modules with the two names that import looks up (never called
+    here) take its place; nothing on the path measured goes through them."""
+    import importlib.machinery
+    import importlib.util
+    import types
+
+    if importlib.util.find_spec("torchvision") is not None:
+        return
+    names = ("torchvision", "torchvision.datasets", "torchvision.transforms", "torchvision.transforms.functional")
+    modules = {}
+    for name in names:
+        modules[name] = types.ModuleType(name)
+        modules[name].__spec__ = importlib.machinery.ModuleSpec(name, None)
+
+    class VisionDataset:  # streaming.vision's base class
+        pass
+
+    def to_tensor(*args, **kwargs):
+        raise NotImplementedError("torchvision stand-in (bench/loader.py)")
+
+    modules["torchvision.datasets"].VisionDataset = VisionDataset
+    modules["torchvision.transforms.functional"].to_tensor = to_tensor
+    sys.modules.update(modules)
+
+
+def convert(spec: dict) -> dict:
+    """Write the shard set's samples into a peer's format at spec["out"] (through a temporary
+    folder, so a cached conversion is always whole); run under the peers' venv."""
+    out, tmp = spec["out"], spec["out"] + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if spec["format"] == "litdata":
+        from litdata import optimize
+
+        # One input per tar shard; chunk_size fixes 256 samples a chunk, as in the tar shards.
+        optimize(fn=tar_samples, inputs=spec["shards"], output_dir=tmp, chunk_size=SHARD_SIZE, num_workers=1,
+                 verbose=False)
+    else:
+        stub_torchvision()
+        from streaming import MDSWriter
+
+        samples = [s for path in spec["shards"] for s in tar_samples(path)]
+        # MDS shards are bounded in bytes: about 256 samples' worth (4-byte offsets and lengths included).
+        size_limit = SHARD_SIZE * (sum(len(s["jpg"]) for s in samples) // len(samples) + 16)
+        with MDSWriter(out=tmp, columns={"jpg": "bytes", "cls": "int"}, size_limit=size_limit) as writer:
+            for sample in samples:
+                writer.write(sample)
+    with open(os.path.join(tmp, "index.json"), encoding="utf-8") as f:
+        index = json.load(f)
+    os.replace(tmp, out)
+    return {"files": len(index.get("chunks") or index.get("shards") or [])}
+
+
+def preload(spec: dict) -> None:
+    """Import what `make_loader` imports for this configuration, so that timing `make_loader`
+    times building the dataset and the loader, not the imports."""
+    import torch.utils.data  # noqa: F401
+
+    if spec["loader"] == "litdata":
+        import litdata  # noqa: F401
+    elif spec["loader"] == "mosaic":
+        stub_torchvision()
+        import streaming  # noqa: F401
+    elif spec["loader"] == "kiln":
+        import kiln.datamodules.mappers  # noqa: F401
+        import kiln.datamodules.webdataset  # noqa: F401
+
+
 def make_loader(spec: dict):
     """(DataLoader, samples it will deliver) for one configuration."""
     from torch.utils.data import DataLoader
 
     if spec["loader"] == "bare":
         loader = DataLoader(bare_dataset(spec["urls"]), batch_size=spec["batch_size"], num_workers=spec["workers"])
+        return loader, spec["samples"]
+    if spec["loader"] == "litdata":
+        import litdata
+
+        kwargs = {}
+        if spec.get("s3"):  # chunks are downloaded into a cache folder of this run's own
+            kwargs = {"cache_dir": tempfile.mkdtemp(prefix="litdata-"),
+                      "storage_options": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}}
+            # litdata fetches chunks from S3 with obstore, whose client options it fixes, and obstore
+            # refuses plain http unless allowed: moto on loopback serves http only. Allowing it is
+            # the one change to litdata here; the path (obstore, async prefetch) stays its default.
+            from litdata.streaming import downloader
+
+            downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = True
+        dataset = litdata.StreamingDataset(spec["data"], shuffle=True, transform=decode_item, **kwargs)
+        loader = litdata.StreamingDataLoader(dataset, batch_size=spec["batch_size"], num_workers=spec["workers"])
+        return loader, spec["samples"]
+    if spec["loader"] == "mosaic":
+        stub_torchvision()
+        import streaming
+
+        class Decoded(streaming.StreamingDataset):
+            def __getitem__(self, index):
+                return decode_item(super().__getitem__(index))
+
+        if spec.get("s3"):  # shards are downloaded into a `local` folder of this run's own
+            local = tempfile.mkdtemp(prefix="mds-")
+            kwargs = {"remote": spec["data"], "local": local}
+        else:
+            kwargs = {"local": spec["data"]}
+        dataset = Decoded(**kwargs, shuffle=True, batch_size=spec["batch_size"])
+        loader = streaming.StreamingDataLoader(dataset, batch_size=spec["batch_size"], num_workers=spec["workers"])
         return loader, spec["samples"]
     from kiln.datamodules.mappers import ImageClass
     from kiln.datamodules.webdataset import ShardPipeline
@@ -190,7 +345,10 @@ class PeakMemory(threading.Thread):
 
 def measure(spec: dict) -> dict:
     """One pass of one configuration, in this process."""
+    preload(spec)
+    setup = time.perf_counter()
     loader, expected = make_loader(spec)
+    setup = time.perf_counter() - setup
     memory = PeakMemory()
     idle_rss, idle_pss = memory.sample(pss=True)
     cpu0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -214,17 +372,63 @@ def measure(spec: dict) -> dict:
         raise RuntimeError(f"{spec['name']}: {samples} samples, expected {expected}")
     return {"samples": samples, "seconds": last - t0, "samples_per_s": samples / (last - t0),
             "samples_per_s_after_first": (samples - first_samples) / (last - first),
-            "first_batch_s": first - t0, "peak_pss_mib": memory.pss / 2**20, "peak_rss_mib": memory.rss / 2**20,
+            "first_batch_s": first - t0, "setup_s": setup, "peak_pss_mib": memory.pss / 2**20, "peak_rss_mib": memory.rss / 2**20,
             "idle_pss_mib": idle_pss / 2**20, "idle_rss_mib": idle_rss / 2**20,
             "main_cpu_us_per_sample": 1e6 * main_cpu / samples, "worker_cpu_us_per_sample": 1e6 * worker_cpu / samples}
 
 
-def run_child(spec: dict, env: dict) -> dict:
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_run", json.dumps(spec)], env=env,
-                         capture_output=True, text=True)
+def run_child(spec: dict, env: dict, mode: str = "--_run") -> dict:
+    """`loader.py --_run SPEC` (or --_convert) in a fresh process, under spec["python"] (the peers'
+    venv) or this interpreter; its last stdout line as JSON."""
+    out = subprocess.run([spec.get("python", sys.executable), os.path.abspath(__file__), mode, json.dumps(spec)],
+                         env=env, capture_output=True, text=True)
     if out.returncode:
-        raise RuntimeError(f"{spec['name']} failed:\n{out.stderr}")
+        raise RuntimeError(f"{spec['name']} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def peer_python() -> str:
+    """bench/.venv-streaming's python: this interpreter's torch version (pinned, so pip never
+    brings another build), the peers' imports (PEER_DEPS), then the peers with --no-deps."""
+    import torch
+
+    version = torch.__version__  # with its local label (+cpu), so the same build comes from disk
+    venv_python(VENV, "import torch, numpy, PIL, psutil, boto3, lightning_utilities, filelock, obstore, xxhash, zstd, "
+                      "brotli, snappy, transformers, catalogue; print(torch.__version__)", version,
+                [f"torch=={version}", *PEER_DEPS])
+    probe = ("import importlib.metadata as m, torch; print(torch.__version__, "
+             + ", ".join(f"m.version({name!r})" for name in PEER_VERSIONS) + ")")
+    want = " ".join([version, *PEER_VERSIONS.values()])
+    return venv_python(VENV, probe, want, ["--no-deps", *(f"{k}=={v}" for k, v in PEER_VERSIONS.items())])
+
+
+def peer_versions(python: str) -> str:
+    code = ("import importlib.metadata as m, platform; print(', '.join([f'{p} {m.version(p)}' for p in "
+            f"{[*PEER_VERSIONS, 'torch', 'numpy', 'pillow', 'boto3', 'obstore']!r}] + "
+            "['Python ' + platform.python_version()]))")
+    return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def converted(root: str, paths: list[str], n: int, size: int, python: str) -> dict[str, dict]:
+    """The shard set in each peer's format, converted on first use into the cache beside it, one
+    folder per format, conversion version and peer version: {"litdata": {"dir", "files"}, ...}."""
+    from kiln.datamodules.datasets import cache_dir
+
+    out = {}
+    for peer, package in (("litdata", "litdata"), ("mosaic", "mosaicml-streaming")):
+        fmt = "litdata" if peer == "litdata" else "mds"
+        folder = cache_dir(f"bench-{fmt}-{size}-{n}-v{CONVERT_VERSION}-{package}{PEER_VERSIONS[package]}")
+        if not os.path.exists(os.path.join(folder, "index.json")):
+            t = time.perf_counter()
+            spec = {"name": f"converting to {fmt}", "format": fmt, "shards": paths, "out": folder, "python": python}
+            run_child(spec, dict(os.environ), "--_convert")
+            print(f"converted {n} samples to {PEER_LABELS[peer]}'s format in {folder} in "
+                  f"{time.perf_counter() - t:.1f} s", file=sys.stderr)
+        with open(os.path.join(folder, "index.json"), encoding="utf-8") as f:
+            index = json.load(f)
+        files = index.get("chunks") or index.get("shards") or []
+        out[peer] = {"dir": folder, "files": len(files)}
+    return out
 
 
 # -- profile --------------------------------------------------------------------------------------
@@ -340,8 +544,8 @@ def median(rows: list[dict], key: str) -> float:
 
 def table(results: dict, ratios: dict) -> str:
     lines = ["| configuration | samples/s: median (runs) | ratio: median (per round) | samples/s after 1st batch "
-             "| time to first batch | peak memory, PSS (RSS) summed over processes | before iter() "
-             "| CPU us/sample: main + workers |",
+             "| time to first batch (+ building the dataset before `iter()`) "
+             "| peak memory, PSS (RSS) summed over processes | before iter() | CPU us/sample: main + workers |",
              "|---|---|---|---|---|---|---|---|"]
     for name, rows in results.items():
         ratio = ratios.get(name)
@@ -350,13 +554,14 @@ def table(results: dict, ratios: dict) -> str:
         runs = ", ".join(f"{r['samples_per_s']:.0f}" for r in rows)
         lines.append(f"| {name} | {median(rows, 'samples_per_s'):.0f} ({runs}) | {ratio_text} "
                      f"| {median(rows, 'samples_per_s_after_first'):.0f} | {median(rows, 'first_batch_s'):.2f} s "
+                     f"(+{median(rows, 'setup_s'):.2f} s) "
                      f"| {median(rows, 'peak_pss_mib'):.0f} MiB ({median(rows, 'peak_rss_mib'):.0f} MiB) "
                      f"| {median(rows, 'idle_pss_mib'):.0f} MiB | {median(rows, 'main_cpu_us_per_sample'):.0f} + "
                      f"{median(rows, 'worker_cpu_us_per_sample'):.0f} |")
     return "\n".join(lines)
 
 
-def versions() -> str:
+def versions(peers: str | None = None) -> str:
     import fsspec
     import moto
     import numpy
@@ -367,7 +572,21 @@ def versions() -> str:
 
     return (f"Python {platform.python_version()}, torch {torch.__version__}, webdataset {webdataset.__version__}, "
             f"Pillow {PIL.__version__}, numpy {numpy.__version__}, fsspec {fsspec.__version__}, "
-            f"s3fs {s3fs.__version__}, moto {moto.__version__}")
+            f"s3fs {s3fs.__version__}, moto {moto.__version__}"
+            + (f"; the peers, under bench/.venv-streaming: {peers}" if peers else ""))
+
+
+def versus_best(results: dict, name: str, peers: list[str]) -> dict | None:
+    """kiln's run `name` against the fastest of `peers` in each round: the ratio per round, its
+    median, and which peer was fastest."""
+    if not peers or name not in results:
+        return None
+    per_round, best = [], []
+    for i, run in enumerate(results[name]):
+        fastest = max(peers, key=lambda p: results[p][i]["samples_per_s"])
+        per_round.append(run["samples_per_s"] / results[fastest][i]["samples_per_s"])
+        best.append(fastest)
+    return {"kiln": name, "median": statistics.median(per_round), "per_round": per_round, "best_peer": best}
 
 
 def main() -> None:
@@ -381,24 +600,46 @@ def main() -> None:
     parser.add_argument("--no-s3", action="store_true", help="skip the moto S3 runs")
     parser.add_argument("--no-unshuffled", action="store_true", help="skip kiln with shuffle=False")
     parser.add_argument("--no-uint8", action="store_true", help="skip kiln with the uint8 mapper")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="skip litdata and mosaicml-streaming (and their venv, bench/.venv-streaming)")
     parser.add_argument("--out", help="write the table (.md) or all results (.json) here")
     parser.add_argument("--profile", action="store_true",
                         help="stage costs and cProfile of both loaders in-process, instead")
     parser.add_argument("--write", action="store_true",
                         help="replace the table and run details in BENCHMARKS.md's 'Data loader' section")
     parser.add_argument("--_run", help=argparse.SUPPRESS)
+    parser.add_argument("--_convert", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args._convert or args._run:
+        # The peers leave lock files and working folders in the temporary directory: this run's own.
+        tempfile.tempdir = tempfile.mkdtemp(prefix="kiln-bench-")
+        _TEMP.append(tempfile.tempdir)
+    if args._convert:
+        try:
+            print(json.dumps(convert(json.loads(args._convert))))
+        finally:
+            shutil.rmtree(_TEMP[0], ignore_errors=True)
+        return
     if args._run:
-        print(json.dumps(measure(json.loads(args._run))))
+        try:
+            print(json.dumps(measure(json.loads(args._run))))
+        finally:
+            for folder in _TEMP:
+                shutil.rmtree(folder, ignore_errors=True)
         return
 
     root, paths = build(args.samples, args.size)
     if args.profile:
         profile(paths, args.size, args.batch_size, min(args.samples, 8 * SHARD_SIZE))
         return
+    python = formats = None
+    if not args.no_peers:
+        python = peer_python()
+        formats = converted(root, paths, args.samples, args.size, python)
     workers = [int(w) for w in args.workers.split(",")]
     base = {"batch_size": args.batch_size, "samples": len(paths) * SHARD_SIZE, "size": args.size}
     specs, ratios = [], {}
+    peers_local, peers_s3 = [], []
     for w in workers:
         bare = f"bare tar+PIL, W={w}"
         specs.append(base | {"name": bare, "loader": "bare", "urls": paths, "workers": w})
@@ -414,11 +655,23 @@ def main() -> None:
             specs.append(base | {"name": name, "loader": "kiln", "urls": paths, "workers": w, "shuffle": True,
                                  "mapper": "uint8"})
             ratios[name] = ("bare", bare)
+        if w == workers[0] and formats:
+            for peer, fmt in formats.items():
+                name = f"{PEER_LABELS[peer]}, shuffle on, W={w}"
+                specs.append(base | {"name": name, "loader": peer, "data": fmt["dir"], "workers": w, "python": python})
+                ratios[name] = ("bare", bare)
+                peers_local.append(name)
         if w == workers[0] and not args.no_s3:
             name = f"kiln ShardPipeline from S3 (moto), shuffle on, W={w}"
             s3 = [f"s3://{BUCKET}/{os.path.relpath(p, root)}" for p in paths]
             specs.append(base | {"name": name, "loader": "kiln", "urls": s3, "workers": w, "shuffle": True, "s3": True})
             ratios[name] = ("local", kiln)
+            for peer in formats or {}:
+                name = f"{PEER_LABELS[peer]} from S3 (moto), shuffle on, W={w}"
+                specs.append(base | {"name": name, "loader": peer, "data": f"s3://{BUCKET}/{peer}", "workers": w,
+                                     "python": python, "s3": True})
+                ratios[name] = ("local", f"{PEER_LABELS[peer]}, shuffle on, W={w}")
+                peers_s3.append(name)
 
     env, server = dict(os.environ), None
     if any(s.get("s3") for s in specs):
@@ -427,7 +680,8 @@ def main() -> None:
 
         server = MotoServer()
         env |= {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": server.endpoint}
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": server.endpoint,
+                "S3_ENDPOINT_URL": server.endpoint}  # the name mosaicml-streaming reads
         os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
                                                "AWS_ENDPOINT_URL")})
         import s3fs
@@ -435,6 +689,8 @@ def main() -> None:
         fs = s3fs.S3FileSystem(endpoint_url=server.endpoint)
         fs.mkdir(BUCKET)
         fs.put(f"{root}/train", f"{BUCKET}/train", recursive=True)
+        for peer, fmt in (formats or {}).items():
+            fs.put(fmt["dir"], f"{BUCKET}/{peer}", recursive=True)
     try:
         results: dict[str, list[dict]] = {s["name"]: [] for s in specs}
         load_before = os.getloadavg()
@@ -452,42 +708,79 @@ def main() -> None:
     for name, (_, against) in ratios.items():
         per_round = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(results[name], results[against])]
         ratios[name] = (ratios[name][0], statistics.median(per_round), per_round)
+    main_name = f"kiln ShardPipeline, shuffle on, W={workers[0]}"
+    versus = {"local": versus_best(results, main_name, peers_local),
+              "s3": versus_best(results, f"kiln ShardPipeline from S3 (moto), shuffle on, W={workers[0]}", peers_s3)}
     md = table(results, ratios)
     meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpus": os.cpu_count(),
-            "machine": platform.platform(), "versions": versions(), "command": " ".join(["python"] + sys.argv),
+            "machine": platform.platform(), "versions": versions(peer_versions(python) if python else None),
+            "command": " ".join(["python"] + sys.argv),
             "samples": base["samples"], "size": args.size, "batch_size": args.batch_size, "repeats": args.repeats,
-            "load_before": load_before, "load_after": load_after}
+            "load_before": load_before, "load_after": load_after,
+            "peers": {PEER_LABELS[p]: f["files"] for p, f in (formats or {}).items()}}
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             if args.out.endswith(".json"):
                 summary = {k: {"against": v[0], "median": v[1], "per_round": v[2]} for k, v in ratios.items()}
-                json.dump({"meta": meta, "results": results, "ratios": summary}, f, indent=1)
+                json.dump({"meta": meta, "results": results, "ratios": summary, "versus_best_peer": versus}, f,
+                          indent=1)
             else:
-                f.write(f"{md}\n\n`{meta['command']}` -- {meta['date']}, {meta['cpus']} CPUs, load average "
-                        f"{meta['load_before'][0]:.2f} before / {meta['load_after'][0]:.2f} after; "
-                        f"{meta['versions']}\n")
+                f.write(f"{md}\n\n" + "\n".join(peer_lines(versus)) + f"\n\n`{meta['command']}` -- {meta['date']}, "
+                        f"{meta['cpus']} CPUs, load average {meta['load_before'][0]:.2f} before / "
+                        f"{meta['load_after'][0]:.2f} after; {meta['versions']}\n")
     print(md)
+    print("\n".join(peer_lines(versus)))
     print(json.dumps(meta, indent=1))
-    main_name = f"kiln ShardPipeline, shuffle on, W={workers[0]}"
     ratio, per_round = ratios[main_name][1], ratios[main_name][2]
+    local = versus["local"]
+    detail = f"rounds {min(per_round):.2f}-{max(per_round):.2f}"
+    if local:
+        peer_ratios = ", ".join(f"{n.split(',')[0]} {ratios[n][1]:.2f}x" for n in peers_local)
+        verdict = ">=" if local["median"] >= 1 else "<"
+        detail += f"; kiln {verdict} the best peer (peers vs bare: {peer_ratios})"
+        if versus["s3"]:
+            detail += f"; from S3 vs the best peer {versus['s3']['median']:.2f}x"
+    detail += f"; {args.samples} {args.size}px JPEGs, batch {args.batch_size}, W={workers[0]}"
     write_result("loader", {
-        "section": "Data loader", "compared": f"kiln ShardPipeline / bare tar + PIL loop, samples/s, W={workers[0]}",
-        "ratio": ratio, "detail": f"rounds {min(per_round):.2f}-{max(per_round):.2f}; "
-                                  f"{args.samples} {args.size}px JPEGs, batch {args.batch_size}",
-        "ratios": {k: v[1] for k, v in ratios.items()}, "command": meta["command"],
+        "section": "Data loader",
+        "compared": f"kiln ShardPipeline / bare tar + PIL loop" + (" and / the best of litdata, mosaicml-streaming"
+                                                                 if local else "") + f", samples/s, W={workers[0]}",
+        "ratio": ratio, "ratio_vs_best_peer": local["median"] if local else None,
+        "ratio_vs_best_peer_s3": versus["s3"]["median"] if versus["s3"] else None,
+        "detail": detail, "ratios": {k: v[1] for k, v in ratios.items()},
+        "first_batch_s": {k: median(v, "first_batch_s") for k, v in results.items()},
+        "command": meta["command"],
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "load1": [load_before[0], load_after[0]], "written": args.write})
     if args.write:
-        write_table(md, meta)
+        write_table(md, meta, versus)
 
 
-def write_table(md: str, meta: dict) -> None:
+def peer_lines(versus: dict) -> list[str]:
+    """The kiln / best peer ratios, as the bullets under the table."""
+    lines = []
+    for where, v in versus.items():
+        if v:
+            rounds = ", ".join(f"{r:.2f} ({p.split(',')[0].replace(' from S3 (moto)', '')})"
+                               for r, p in zip(v["per_round"], v["best_peer"]))
+            lines.append(f"- **kiln / the best peer{' from S3' if where == 's3' else ''}**: {v['median']:.2f} "
+                         f"(median; per round, against that round's fastest peer: {rounds}); "
+                         f"kiln {'>=' if v['median'] >= 1 else '<'} the best peer.")
+    return lines
+
+
+def write_table(md: str, meta: dict, versus: dict) -> None:
     """In BENCHMARKS.md's "Data loader" section, replace the table and the run's bullets under it
     (command, machine, versions, load) with this run's; the prose around them stays."""
-    run = [f"- Command: `{meta['command']}`.",
+    run = [*peer_lines(versus),
+           f"- Command: `{meta['command']}`.",
            f"- Machine: {machine()}. Date: {meta['date']}.",
            f"- Versions: {meta['versions']}.",
            f"- Load average (1 min): {meta['load_before'][0]:.2f} before, {meta['load_after'][0]:.2f} after."]
+    if meta.get("peers"):
+        files = ", ".join(f"{k}: {v} {'chunks' if k == 'litdata' else 'shards'}" for k, v in meta["peers"].items())
+        run.insert(len(peer_lines(versus)),
+                   f"- Peer data: {files}, converted from the tar shards (conversion version {CONVERT_VERSION}).")
     with open(BENCHMARKS, encoding="utf-8") as f:
         lines = f.read().split("\n")
     try:
