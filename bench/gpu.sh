@@ -64,7 +64,7 @@ say "== MFU: bf16 GEMM, U-Net step, CLIP ViT-B/16 step"
 timeout 130 "$PY" bench/flops.py --device cuda --precision bf16 --models unet,clip-b16 --batch-unet 256 \
     --batch-clip 128 --steps 20 --warmup 5 --rounds 1 --threads 8 --section "Achieved FLOP/s and MFU (GPU)" \
     --result gpu-flops >"$OUT/flops.md" 2> >(tee -a "$LOG" >&2) || { status=1; say "flops.py failed or timed out"; }
-cp bench/results/gpu-flops.json "$OUT/flops.json" 2>/dev/null
+cp bench/results/gpu-flops.scratch.json "$OUT/flops.json" 2>/dev/null
 
 if "$PY" -c "import jsonargparse, webdataset" 2>/dev/null; then
     wandb=offline
@@ -73,7 +73,7 @@ if "$PY" -c "import jsonargparse, webdataset" 2>/dev/null; then
     timeout 150 "$PY" bench/overhead.py --device cuda --precision bf16-mixed --models clip,glide --synthetic \
         --steps 40 --warmup 10 --rounds 2 --threads 8 --wandb "$wandb" --section "Framework overhead (GPU)" \
         --result gpu-overhead >"$OUT/overhead.md" 2> >(tee -a "$LOG" >&2) || { status=1; say "overhead.py failed or timed out"; }
-    cp bench/results/gpu-overhead.json "$OUT/overhead.json" 2>/dev/null
+    cp bench/results/gpu-overhead.scratch.json "$OUT/overhead.json" 2>/dev/null
 else
     say "== Framework overhead: skipped: \`kiln fit\` needs jsonargparse, docstring-parser, typeshed-client, webdataset" \
         "and braceexpand, and this python lacks some. Carry their wheels in ./.whl (bench/README.md: GPU)."
