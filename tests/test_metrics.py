@@ -100,6 +100,18 @@ def test_offline_extractors_tell_images_apart(cls):
     assert flipped < 0.5 * other, (flipped, other)
 
 
+def test_features_in_chunks_equal_the_whole_batch(monkeypatch):
+    """On CPU EfficientNet-Lite0 runs a few images at a time (its activations stay below glibc's
+    mmap threshold); the features are the batch's, in order."""
+    from kiln.modules.eval import extractors
+
+    net = EfficientNetLite0()
+    images = torch.rand(5, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    whole = net(images)
+    monkeypatch.setattr(extractors, "CPU_ACTIVATION_BYTES", 2 * 96 * 112 * 112 * 4)  # 2 images a chunk
+    assert torch.allclose(net(images), whole, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_extractor_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="feature extractor weights not found"):
         build_extractor("efficientnet-lite0", str(tmp_path / "missing.pth"))

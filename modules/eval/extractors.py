@@ -19,6 +19,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# On CPU, features are computed a few images at a time: glibc serves blocks over 32 MiB with fresh
+# mmap()s, so a whole batch's 224 px activations (EfficientNet-Lite0's widest: 4.8 MB an image)
+# would be faulted in page by page on every layer; chunks stay under that and reuse the heap.
+CPU_ACTIVATION_BYTES = 24 << 20
+
+
+def _in_chunks(forward, x: torch.Tensor, bytes_per_image: int) -> torch.Tensor:
+    """forward(x) over chunks of x small enough on CPU (see CPU_ACTIVATION_BYTES), whole elsewhere."""
+    chunk = max(1, CPU_ACTIVATION_BYTES // bytes_per_image)
+    if x.device.type != "cpu" or len(x) <= chunk:
+        return forward(x)
+    return torch.cat([forward(part) for part in x.split(chunk)])
+
+
 def _rgb(images: torch.Tensor) -> torch.Tensor:
     images = images.float()
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
@@ -54,6 +68,9 @@ class EfficientNetLite0(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return _in_chunks(self._features, images, 96 * 112 * 112 * 4)
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
         x = _rgb(images)
         if x.shape[-2:] != (224, 224):
             x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
