@@ -40,9 +40,10 @@ def run_steps(**env: str) -> dict:
 def test_freed_activations_are_not_faulted_in_again():
     tuned, default = run_steps(), run_steps(KILN_MALLOC="default")
     # glibc's defaults hand freed activations back to the kernel and fault them in again, page by
-    # page, every step (measured: ~20,000 faults in these 3 steps); kept, they cost (almost) none
+    # page, every step (measured: ~24,000 faults in these 3 steps); kept, only the heap's growth
+    # faults (measured: 257 alone, 1,281 with the rest of the suite beside it)
     assert default["faults"] > 5000, default
-    assert tuned["faults"] < 1000, tuned
+    assert tuned["faults"] * 5 < default["faults"], (tuned, default)
     assert tuned["omp"] == default["omp"] == "PASSIVE"
 
 

@@ -239,7 +239,10 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("KILN_DEBUG"):
             raise
         hint = " (KILN_DEBUG=1 shows the traceback)" if type(e) in (RuntimeError, OSError) else ""
-        print(f"kiln {command}: error: {_one_line(e)}{hint}", file=sys.stderr)
+        # One write of the whole line: under several ranks every process reports the error to the
+        # same stderr, and print's separate write of the newline let two ranks' lines run together.
+        sys.stderr.write(f"kiln {command}: error: {_one_line(e)}{hint}\n")
+        sys.stderr.flush()
         sys.exit(2 if isinstance(e, (ArgumentError, CheckpointError)) else 1)
 
 
