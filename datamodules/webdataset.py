@@ -211,6 +211,8 @@ class ShardPipeline(IterableDataset):
         drop_last: bool = True,
         split: str = "train",
     ):
+        if batch_size < 1:  # a batch that never fills would read the shards forever
+            raise ValueError(f"data batch size must be at least 1, got {batch_size}")
         if not isinstance(sources, dict):
             sources = _as_sources(sources)
         self.sources, self.mapper, self.batch_size = sources, mapper, batch_size

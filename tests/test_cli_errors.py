@@ -107,6 +107,13 @@ def test_global_batch_that_does_not_split_over_ranks(tmp_path, emoji_shards):
     assert_one_line_error(r, "data.global_batch_size 15 does not split evenly over 1 rank(s) x 2 accumulation step(s)")
 
 
+def test_batch_size_below_one(tmp_path, emoji_shards):
+    # a batch that never fills used to read the shards forever instead of failing
+    r = kiln("fit", "-c", TINY, "--data.init_args.root", emoji_shards, "--data.init_args.batch_size", "-3",
+             "--run_dir", str(tmp_path / "run"), "--wandb.mode", "disabled", timeout=120)
+    assert_one_line_error(r, "data batch size must be at least 1, got -3")
+
+
 def test_plan_that_cannot_fit():
     r = kiln("plan", "-c", "configs/clip/vit-l-14.yaml", "--nodes", "1", "--gpus-per-node", "8")
     line = assert_one_line_error(r, "does not fit: ddp needs")
