@@ -2,7 +2,8 @@
 
 Read top to bottom (open_clip's order): shard list -> seeded shard shuffle per epoch -> split by
 rank (node x local rank) -> split by DataLoader worker -> open through fsspec -> tar to samples ->
-sample shuffle -> decode -> the family's sample mapper -> batch. A family supplies only the
+sample shuffle -> the family's sample mapper, which decodes the fields it reads
+(`kiln.datamodules.decoding`) -> batch. A family supplies only the
 mapper. Every URL, local or remote (file://, s3://, gs://), is opened through fsspec, because
 webdataset's own opener has no s3 scheme, and reads are retried with back-off.
 
@@ -38,15 +39,16 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import fsspec
 import lightning as L
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
-from webdataset.autodecode import Decoder, imagehandler
 from webdataset.tariterators import group_by_keys
 
+from kiln.datamodules.decoding import FieldDecodeError, Sample
 from kiln.datamodules.errors import DataError
 from kiln.datamodules.mappers import images_to_float
 from kiln.datamodules.shards import read_manifest
@@ -158,12 +160,12 @@ class _Faults:
         return counts, reads
 
 
-def read_shard(url: str, faults: _Faults, retries: int = 5) -> list[dict]:
-    """All samples of one shard, undecoded. A shard that ends early or is corrupt yields the
-    samples before the damage."""
+def read_shard(url: str, faults: _Faults, retries: int = 5, fetched: Future | None = None) -> list[dict]:
+    """All samples of one shard, undecoded (its bytes from `fetched` if it has been fetched
+    ahead). A shard that ends early or is corrupt yields the samples before the damage."""
     faults.shards_read += 1
     try:
-        members, damage = tar_members(fetch(url, retries))
+        members, damage = tar_members(fetched.result() if fetched is not None else fetch(url, retries))
     except Exception as exn:  # noqa: BLE001 - counted by reason, or raised in strict mode
         faults.skip("unreadable_shard", url, None, exn)
         return []
@@ -179,6 +181,29 @@ def read_shard(url: str, faults: _Faults, retries: int = 5) -> list[dict]:
     return samples
 
 
+class _ReadAhead:
+    """Reads a worker's shards in order, fetching the next shard's bytes in a background thread
+    while the current one is parsed, shuffled and decoded (litdata prefetches its chunks the same
+    way): from object storage the transfer then overlaps the decoding. Holds one shard's bytes
+    beyond the one being read."""
+
+    def __init__(self, faults: _Faults, retries: int):
+        self.faults, self.retries = faults, retries
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="kiln-read-ahead")
+        self.next: tuple[str, Future] | None = None
+
+    def read(self, shards: list[str], i: int) -> list[dict]:
+        url, ahead = shards[i], self.next
+        fetched = ahead[1] if ahead is not None and ahead[0] == url else None
+        self.next = None
+        if i + 1 < len(shards):
+            self.next = shards[i + 1], self.pool.submit(fetch, shards[i + 1], self.retries)
+        return read_shard(url, self.faults, self.retries, fetched)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 class ShardPipeline(IterableDataset):
     """Batches for one rank, split across the DataLoader's workers.
 
@@ -186,8 +211,9 @@ class ShardPipeline(IterableDataset):
         sources: shard URLs per source. One source ("": urls) gives samples as they are; two
             or more (e.g. {"a": ..., "b": ...}, unpaired domains) are streamed independently
             and zipped into {name: sample}, so their pairing is random.
-        mapper: decoded sample -> example dict. If it has an `rng`, it is reseeded per sample
-            from its position, so augmentation is reproducible and survives a resume.
+        mapper: sample (a `decoding.Sample`: fields decoded as read) -> example dict. If it has
+            an `rng`, it is reseeded per sample from its position, so augmentation is
+            reproducible and survives a resume.
         batches_per_epoch: this rank's batches per epoch (fixed-length, see the module
             docstring); None reads each shard once (evaluation) and keeps a partial last batch
             unless drop_last.
@@ -220,7 +246,6 @@ class ShardPipeline(IterableDataset):
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
         self.batches_per_epoch, self.resampled = batches_per_epoch, resampled
         self.strict, self.retries, self.drop_last, self.split = strict, retries, drop_last, split
-        self.decoder = Decoder([imagehandler("pil")])
         self.epoch = 0
         self.resume: dict | None = None  # set by the DataModule before an epoch's iteration
 
@@ -244,41 +269,41 @@ class ShardPipeline(IterableDataset):
         """(raw sample, position after it) for one source, from `start`: endless in fixed-length
         epochs, one pass otherwise."""
         pass_, shard, offset = start
-        while True:
-            shards = self.shards(name, pass_, worker, workers)
-            whole_pass, yielded = shard == offset == 0, False
-            while shard < len(shards):
-                block, end = [], shard
-                while end < len(shards) and (end == shard or (self.shuffle and len(block) < self.shuffle_buffer)):
-                    block += read_shard(shards[end], faults, self.retries)
-                    end += 1
-                order = list(range(len(block)))
-                if self.shuffle:
-                    random.Random(_seed(self.seed, self.epoch, name, pass_, self.rank, worker, shard)).shuffle(order)
-                for i in range(offset, len(block)):
-                    yielded = True
-                    yield block[order[i]], (pass_, shard, i + 1) if i + 1 < len(block) else (pass_, end, 0)
-                shard, offset = end, 0
-            if self.batches_per_epoch is None:
-                return
-            if whole_pass and not yielded:
-                raise DataError(f"no readable sample in a pass over {len(shards)} shard(s) of {name or 'the data'}")
-            pass_, shard = pass_ + 1, 0
+        reader = _ReadAhead(faults, self.retries)
+        try:
+            while True:
+                shards = self.shards(name, pass_, worker, workers)
+                whole_pass, yielded = shard == offset == 0, False
+                while shard < len(shards):
+                    block, end = [], shard
+                    while end < len(shards) and (end == shard or (self.shuffle and len(block) < self.shuffle_buffer)):
+                        block += reader.read(shards, end)
+                        end += 1
+                    order = list(range(len(block)))
+                    if self.shuffle:
+                        random.Random(_seed(self.seed, self.epoch, name, pass_, self.rank, worker, shard)).shuffle(order)
+                    for i in range(offset, len(block)):
+                        yielded = True
+                        yield block[order[i]], (pass_, shard, i + 1) if i + 1 < len(block) else (pass_, end, 0)
+                    shard, offset = end, 0
+                if self.batches_per_epoch is None:
+                    return
+                if whole_pass and not yielded:
+                    raise DataError(f"no readable sample in a pass over {len(shards)} shard(s) of {name or 'the data'}")
+                pass_, shard = pass_ + 1, 0
+        finally:
+            reader.close()
 
     def _example(self, items: dict[str, tuple[dict, tuple]], worker: int, faults: _Faults) -> dict | None:
         raw, position = next(iter(items.values()))  # the first source names the sample and seeds it
-        try:
-            decoded = {name: self.decoder(sample) for name, (sample, _) in items.items()}
-        except Exception as exn:  # noqa: BLE001 - counted and skipped, or raised in strict mode
-            faults.skip("decode", raw["__url__"], raw["__key__"], exn)
-            return None
-        first = next(iter(decoded.values()))
         if hasattr(self.mapper, "rng"):
             self.mapper.rng.seed(_seed(self.seed, self.epoch, self.rank, worker, *position))
+        samples = {name: Sample(sample) for name, (sample, _) in items.items()}
         try:
-            return self.mapper(first if list(decoded) == [""] else decoded)
-        except Exception as exn:  # noqa: BLE001
-            faults.skip("missing_field" if isinstance(exn, KeyError) else "map", first["__url__"], first["__key__"], exn)
+            return self.mapper(samples[""] if len(samples) == 1 and "" in samples else samples)
+        except Exception as exn:  # noqa: BLE001 - counted and skipped, or raised in strict mode
+            reason = "decode" if isinstance(exn, FieldDecodeError) else "missing_field" if isinstance(exn, KeyError) else "map"
+            faults.skip(reason, raw["__url__"], raw["__key__"], exn)
             return None
 
     def __iter__(self) -> Iterator[dict]:
@@ -314,11 +339,28 @@ class ShardPipeline(IterableDataset):
             yield self._collate(batch, worker, produced + 1, positions, faults)
 
     def _collate(self, batch: list[dict], worker: int, produced: int, positions: dict, faults: _Faults) -> dict:
-        out = default_collate(batch)
+        out = collate(batch)
         skipped, reads = faults.take()
         out[INFO] = {"split": self.split, "worker": worker, "produced": produced, "positions": positions,
                      "skipped": skipped, "shards_read": reads}
         return out
+
+
+def collate(examples: list[dict]) -> dict:
+    """`default_collate` field by field, except that images keep the layout they were decoded
+    in: a (C, H, W) view of (H, W, C) pixels, what `mappers.to_tensor` gives, is stacked as
+    (B, H, W, C) and handed on as its (B, C, H, W) view (channels-last strides). Transposing
+    each image into planes cost the workers ~4 us a 64 px sample; `images_to_float` makes the
+    float batch contiguous, on the device, in the same pass as the conversion."""
+    out = {}
+    for name in examples[0]:
+        values = [example[name] for example in examples]
+        first = values[0]
+        if isinstance(first, torch.Tensor) and first.ndim == 3 and first.shape[0] > 1 and first.stride(0) == 1:
+            out[name] = default_collate([v.permute(1, 2, 0) for v in values]).permute(0, 3, 1, 2)
+        else:
+            out[name] = default_collate(values)
+    return out
 
 
 class _EpochLoader(DataLoader):

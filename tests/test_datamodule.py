@@ -1,6 +1,8 @@
 """The WebDataset pipeline over local paths and file:// URLs: expansion, rank split, batches."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -71,3 +73,21 @@ def test_held_out_data_is_judged_without_augmentation(emoji_shards):
     first, second = (next(iter(dm.val_dataloader())) for _ in range(2))
     torch.testing.assert_close(first["image"], second["image"])
     assert "" not in first["caption"]
+
+
+def test_the_next_shard_is_fetched_while_the_current_one_is_read(tmp_path):
+    from kiln.datamodules.shards import write_shards
+    from kiln.datamodules.webdataset import _Faults, _ReadAhead
+
+    samples = [{"__key__": f"s{i}", "txt": f"caption {i}".encode()} for i in range(6)]
+    write_shards(str(tmp_path), "t", {"train": samples}, shard_size=2, progress=False)
+    shards = [str(tmp_path / "train" / f"train-{i:06d}.tar") for i in range(3)]
+    reader = _ReadAhead(_Faults(strict=True), retries=0)
+    try:
+        assert [s["__key__"] for s in reader.read(shards, 0)] == ["s0", "s1"]
+        reader.next[1].result()  # shard 1's bytes are in hand, so removing its file changes nothing
+        shutil.move(shards[1], tmp_path / "moved.tar")
+        assert [s["__key__"] for s in reader.read(shards, 1)] == ["s2", "s3"]
+        assert [s["__key__"] for s in reader.read(shards, 2)] == ["s4", "s5"] and reader.next is None
+    finally:
+        reader.close()

@@ -206,3 +206,28 @@ def test_missing_field_is_a_one_line_key_error(mapper, fields, missing):
         mapper(sample("k9", **fields))
     message = err.value.args[0]
     assert "'k9'" in message and "s-000.tar" in message and missing in message and "\n" not in message
+
+
+def test_sample_random_draws_what_random_draws_after_the_same_seed():
+    import random
+
+    from kiln.datamodules.mappers import SampleRandom
+
+    def draws(rng):
+        items = list(range(10))
+        rng.shuffle(items)
+        return [rng.random(), rng.randint(0, 99), rng.uniform(-1, 1), rng.gauss(0, 1), rng.gauss(0, 1), rng.choice("abc"),
+                rng.sample(range(50), 3), items, rng.getrandbits(70)]
+
+    ours = SampleRandom(0)
+    for seed in (5, 2**64 - 1, 123456789):
+        ours.gauss(0, 1)  # a pending gauss value must not leak past a reseed
+        ours.seed(seed)
+        assert draws(ours) == draws(random.Random(seed))
+    ours.seed(7)
+    state = ours.getstate()
+    assert state == random.Random(7).getstate()
+    first = draws(ours)
+    ours.seed(99)
+    ours.setstate(state)  # a restored state wins over a pending seed
+    assert draws(ours) == first

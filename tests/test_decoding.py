@@ -1,0 +1,120 @@
+"""kiln's field decoding (datamodules/decoding.py) and batch layout against webdataset's decoder
+and torch's default_collate: the same values, fields decoded only when read."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import default_collate
+from webdataset import autodecode
+
+from kiln.datamodules.decoding import FieldDecodeError, Sample
+from kiln.datamodules.mappers import ImageClass, ImageText, images_to_float
+from kiln.datamodules.shards import write_shards
+from kiln.datamodules.webdataset import ShardPipeline, collate
+
+
+def photo(size: int = 40, seed: int = 0) -> Image.Image:
+    """Smooth colour gradients plus noise: chroma subsampling and DCT rounding both matter."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:size, :size]
+    rgb = np.stack([x * 255 / size, y * 255 / size, (x + y) * 127 / size], -1) + rng.normal(0, 20, (size, size, 3))
+    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+
+
+def encode(image: Image.Image, format: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=format, **kw)
+    return buf.getvalue()
+
+
+JPEGS = {
+    "rgb 4:2:0": lambda: encode(photo(), "JPEG", quality=90),
+    "rgb 4:4:4": lambda: encode(photo(), "JPEG", quality=75, subsampling=0),
+    "rgb 4:2:2, odd size": lambda: encode(photo(37), "JPEG", quality=80, subsampling=1),
+    "progressive": lambda: encode(photo(48), "JPEG", quality=85, progressive=True),
+    "grey": lambda: encode(photo().convert("L"), "JPEG", quality=90),
+    "cmyk (Pillow decodes it)": lambda: encode(photo().convert("CMYK"), "JPEG", quality=90),
+}
+
+
+@pytest.mark.parametrize("kind", JPEGS)
+def test_jpegs_decode_to_the_pixels_webdataset_gives(kind):
+    data = JPEGS[kind]()
+    ours = Sample({"__key__": "k", "jpg": data})["jpg"]
+    theirs = autodecode.Decoder([autodecode.imagehandler("pil")])({"jpg": data})["jpg"]
+    assert ours.mode == theirs.mode == "RGB" and ours.size == theirs.size
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_every_field_decodes_as_webdataset_decodes_it():
+    raw = {"__key__": "k0", "__url__": "s.tar", "png": encode(photo().convert("L"), "PNG"), "cls": b"7",
+           "txt": "a photo".encode(), "json": json.dumps({"a": [1, 2]}).encode(), "input.jpeg": JPEGS["rgb 4:4:4"]()}
+    theirs = autodecode.Decoder([autodecode.imagehandler("pil")])(dict(raw))
+    ours = Sample(raw)
+    assert list(ours) == list(raw) and len(ours) == len(raw) and "txt" in ours and "npy" not in ours
+    for name, value in theirs.items():
+        if isinstance(value, Image.Image):
+            assert ours[name].mode == value.mode
+            np.testing.assert_array_equal(np.asarray(ours[name]), np.asarray(value))
+        else:
+            assert ours[name] == value, name
+    assert ours["png"] is ours["png"]  # decoded once
+
+
+def test_fields_decode_only_when_read():
+    raw = {"__key__": "k0", "__url__": "s.tar", "jpg": JPEGS["grey"](), "cls": b"3", "json": b"{not json"}
+    sample = Sample(raw)
+    assert ImageClass(image_size=40)(sample)["label"] == 3
+    # The broken json was never read, and the JPEG went to the batch without a PIL image.
+    assert set(sample.decoded) == {"cls", "__key__"} and set(sample.pixels) == {"jpg"}
+    with pytest.raises(FieldDecodeError, match="field 'json': JSONDecodeError"):
+        sample["json"]
+    with pytest.raises(KeyError):
+        sample["txt"]
+
+
+def test_a_broken_field_costs_its_sample_only_when_the_mapper_reads_it(tmp_path):
+    good = encode(photo(16), "JPEG", quality=90)
+    samples = [{"__key__": f"s{i}", "jpg": b"\xff\xd8 broken" if i == 2 else good, "cls": b"1",
+                "json": b"{broken" if i == 4 else b"{}"} for i in range(6)]
+    write_shards(str(tmp_path), "d", {"train": samples}, shard_size=6, progress=False)
+    pipeline = ShardPipeline(str(tmp_path / "train" / "train-000000.tar"), ImageClass(16), batch_size=1,
+                             shuffle=False, drop_last=False)
+    keys, skipped = [], {}
+    with pytest.warns(UserWarning, match="decode in .* sample s2: FieldDecodeError: field 'jpg'"):
+        for batch in pipeline:
+            keys += batch["key"]
+            for reason, n in batch["_kiln_data"]["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + n
+    assert keys == ["s0", "s1", "s3", "s4", "s5"] and skipped == {"decode": 1}
+
+
+def test_batches_hold_the_same_images_as_default_collate_channels_last():
+    examples = [ImageClass(image_size=40)(Sample({"__key__": f"k{i}", "jpg": encode(photo(seed=i), "JPEG"), "cls": b"1"}))
+                for i in range(5)]
+    ours, theirs = collate(examples), default_collate(examples)
+    assert ours["image"].shape == theirs["image"].shape == (5, 3, 40, 40)
+    assert ours["image"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(ours["image"], theirs["image"]) and torch.equal(ours["label"], theirs["label"])
+    assert ours["key"] == theirs["key"]
+    as_float = images_to_float(dict(ours))["image"]
+    assert as_float.is_contiguous() and torch.equal(as_float, images_to_float(dict(theirs))["image"])
+
+
+@pytest.mark.parametrize("mapper", [ImageClass(image_size=40, flip=True), ImageClass(image_size=24, crop_scale=(0.5, 1), flip=True),
+                                    ImageText(image_size=40, flip=True, color_jitter=0.3)], ids=["flip", "crop", "jitter"])
+def test_mappers_give_the_same_example_from_pixels_as_from_pil_images(mapper):
+    """The pipeline hands mappers JPEGs as pixel arrays (`Sample.image`); tests and other callers
+    hand them PIL images: one example either way, augmentation included."""
+    for seed in range(6):
+        raw = {"__key__": "k", "__url__": "s.tar", "jpg": encode(photo(seed=seed), "JPEG"), "cls": b"2", "txt": b"a cat"}
+        outs = []
+        for sample in (Sample(raw), autodecode.Decoder([autodecode.imagehandler("pil")])(dict(raw))):
+            mapper.rng.seed(seed)
+            outs.append(mapper(sample))
+        assert torch.equal(outs[0]["image"], outs[1]["image"]), seed
