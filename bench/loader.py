@@ -2,7 +2,8 @@
 and against litdata and mosaicml-streaming on the same JPEGs converted to their formats.
 
     python bench/loader.py [--samples N] [--workers 2,0] [--size S] [--batch-size B] [--repeats R]
-                           [--no-s3] [--no-unshuffled] [--no-uint8] [--no-peers] [--out table.md | results.json]
+                           [--no-s3] [--no-unshuffled] [--no-uint8] [--no-same-decoder] [--no-peers]
+                           [--out table.md | results.json]
     python bench/loader.py --profile    # stage costs and cProfile of both loaders, in-process
     python bench/loader.py --write      # also the table and run details in BENCHMARKS.md's "Data loader"
 
@@ -30,6 +31,9 @@ kiln, ...), and reports medians and the kiln / bare ratio measured within each r
   into a fresh cache folder, streaming into a fresh `local` folder, per run. They run under
   bench/.venv-streaming (created on first use, this interpreter's torch version), never in
   the test environment; see bench/loader_peers.py.
+* the same decoder: kiln decodes JPEGs with simplejpeg (libjpeg-turbo called directly; Pillow
+  calls the same library through ~100 us of Python per small image), so the bare loop and
+  litdata also run decoding with simplejpeg, to tell the pipelines apart from the decoders.
 
 Per run: samples/s over the pass (and without the first batch), time from `iter(loader)` to the
 first batch (worker start-up included) and the time building the dataset and loader took before
@@ -56,7 +60,7 @@ import threading
 import time
 
 from common import BENCHMARKS, machine, write_result
-from loader_peers import (PEER_LABELS, SHARD_SIZE, convert, converted, peer_loader, peer_python, peer_versions,
+from loader_peers import (CONVERT_VERSION, PEER_LABELS, decode_jpeg, SHARD_SIZE, convert, converted, peer_loader, peer_python, peer_versions,
                           stub_torchvision)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,10 +113,8 @@ def build(n: int, size: int) -> tuple[str, list[str]]:
 
 # -- the two loaders ----------------------------------------------------------------------------
 
-def bare_dataset(paths: list[str]):
-    import numpy as np
+def bare_dataset(paths: list[str], decoder: str = "pil"):
     import torch
-    from PIL import Image
     from torch.utils.data import IterableDataset, get_worker_info
 
     class BareTars(IterableDataset):
@@ -127,9 +129,7 @@ def bare_dataset(paths: list[str]):
                         if member.name.endswith(".cls"):
                             label = int(tar.extractfile(member).read())
                         elif member.name.endswith(".jpg"):
-                            data = tar.extractfile(member).read()
-                            image = Image.open(io.BytesIO(data)).convert("RGB")  # convert forces the decode
-                            yield torch.from_numpy(np.array(image)), label
+                            yield torch.from_numpy(decode_jpeg(tar.extractfile(member).read(), decoder)), label
 
     return BareTars()
 
@@ -143,7 +143,7 @@ class Uint8Image:
         import numpy as np
         import torch
 
-        return {"image": torch.from_numpy(np.array(sample["jpg"])), "label": sample["cls"]}
+        return {"image": torch.from_numpy(np.array(sample.image("jpg"))), "label": sample["cls"]}
 
 
 def preload(spec: dict) -> None:
@@ -166,7 +166,7 @@ def make_loader(spec: dict):
     from torch.utils.data import DataLoader
 
     if spec["loader"] == "bare":
-        loader = DataLoader(bare_dataset(spec["urls"]), batch_size=spec["batch_size"], num_workers=spec["workers"])
+        loader = DataLoader(bare_dataset(spec["urls"], spec.get("decoder", "pil")), batch_size=spec["batch_size"], num_workers=spec["workers"])
         return loader, spec["samples"]
     if spec["loader"] in PEER_LABELS:
         return peer_loader(spec), spec["samples"]
@@ -271,13 +271,15 @@ def stage_costs(paths: list[str], size: int, batch_size: int) -> None:
     """CPU time per sample of each stage of both loaders, run alone in this process without a
     profiler (best of 5), so the two loaders can be compared stage by stage."""
     import numpy as np
+    import simplejpeg
     import torch
     from PIL import Image
     from torch.utils.data import default_collate
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+    from kiln.datamodules.decoding import Sample
     from kiln.datamodules.mappers import ImageClass, to_tensor
-    from kiln.datamodules.webdataset import ShardPipeline, _Faults, _seed, read_shard
+    from kiln.datamodules.webdataset import ShardPipeline, _Faults, _seed, collate, read_shard
 
     n = len(paths) * SHARD_SIZE
     mapper, pipeline = ImageClass(image_size=size), ShardPipeline(paths, Uint8Image(), batch_size)
@@ -316,8 +318,11 @@ def stage_costs(paths: list[str], size: int, batch_size: int) -> None:
         return run
 
     raw = [sample for path in paths for sample in read_shard(path, _Faults(False))]
-    decoded = [pipeline.decoder(sample) for sample in raw]
-    examples = [mapper(sample) for sample in decoded]
+    decoded = [{"jpg": Sample(sample)["jpg"], "cls": Sample(sample)["cls"], "__key__": sample["__key__"]} for sample in raw]
+    samples = list(map(Sample, raw))  # as the pipeline hands them to the mapper, fields decoded ahead here
+    for sample in samples:
+        sample.image("jpg"), sample["cls"]
+    examples = [mapper(sample) for sample in samples]
     uint8 = [(torch.from_numpy(np.array(sample["jpg"])), sample["cls"]) for sample in decoded]
     print(f"\n== CPU per sample, in-process, no profiler, {n} samples (best of 5){' ' * 24}us/sample")
     cost("bare: open + tarfile stream mode, read every member", tar_only)
@@ -326,22 +331,26 @@ def stage_costs(paths: list[str], size: int, batch_size: int) -> None:
     cost("  webdataset tar_file_iterator + group_by_keys on a plain open()", wds_tar)
     cost("bare: PIL open + convert('RGB') + np.array",
          lambda: [np.array(Image.open(io.BytesIO(s["jpg"])).convert("RGB")) for s in raw])
-    cost("kiln: Decoder([imagehandler('pil')]) of jpg, cls, txt", lambda: [pipeline.decoder(s) for s in raw])
-    cost("  decode1('jpg') alone (open, load, convert('RGB') twice)",
-         lambda: [pipeline.decoder.decode1("jpg", s["jpg"]) for s in raw])
-    cost("  decode1('cls') + decode1('txt')",
-         lambda: [(pipeline.decoder.decode1("cls", s["cls"]), pipeline.decoder.decode1("txt", s["txt"])) for s in raw])
-    cost("kiln: _seed + mapper.rng.seed per sample (_example)",
+    cost("kiln: Sample(raw).image('jpg') (simplejpeg, pixels) and ['cls']",
+         lambda: [(x.image("jpg"), x["cls"]) for x in map(Sample, raw)])
+    cost("  for comparison: Sample(raw)['jpg'] (simplejpeg, then a PIL image)", lambda: [x["jpg"] for x in map(Sample, raw)])
+    cost("  simplejpeg.decode_jpeg alone", lambda: [simplejpeg.decode_jpeg(s["jpg"], colorspace="RGB") for s in raw])
+    cost("  for comparison: Pillow open + load (what webdataset's 'pil' handler runs)",
+         lambda: [Image.open(io.BytesIO(s["jpg"])).load() for s in raw])
+    cost("kiln: the per-sample seed + mapper.rng.seed (_example; seeding itself waits for a draw)",
          lambda: [mapper.rng.seed(_seed(0, 0, 0, 0, 0, 5, i)) for i in range(n)])
-    cost("kiln: ImageClass mapper", lambda: [mapper(s) for s in decoded])
-    cost("  to_tensor (uint8; the float conversion runs after the transfer)", lambda: [to_tensor(s["jpg"]) for s in decoded])
+    cost("kiln: ImageClass mapper (its fields decoded already)", lambda: [mapper(s) for s in samples])
+    cost("  to_tensor of a PIL image (uint8; the float conversion runs after the transfer)",
+         lambda: [to_tensor(s["jpg"]) for s in decoded])
     cost("  resize at native size (returns a copy)",
          lambda: [s["jpg"].resize((size, size), Image.Resampling.BICUBIC, box=(0, 0, size, size)) for s in decoded])
     cost("  for comparison: torch.from_numpy(np.array(image)) (uint8)",
          lambda: [torch.from_numpy(np.array(s["jpg"])) for s in decoded])
     cost("  for comparison: one-pass float: from_numpy(array).permute.float().mul_.sub_",
          lambda: [torch.from_numpy(np.array(s["jpg"])).permute(2, 0, 1).float().mul_(2 / 255).sub_(1) for s in decoded])
-    cost("kiln: default_collate of dicts (float image, label, key)",
+    cost("kiln: collate of dicts (uint8 image, label, key), images channels-last",
+         lambda: [collate(b) for b in batches(examples)])
+    cost("  for comparison: default_collate of the same (transposes each image)",
          lambda: [default_collate(b) for b in batches(examples)])
     cost("bare: default_collate of (uint8 image, label)", lambda: [default_collate(b) for b in batches(uint8)])
     cost("bare: whole loop (BareTars + collate)", bare_all)
@@ -434,6 +443,8 @@ def main() -> None:
     parser.add_argument("--no-s3", action="store_true", help="skip the moto S3 runs")
     parser.add_argument("--no-unshuffled", action="store_true", help="skip kiln with shuffle=False")
     parser.add_argument("--no-uint8", action="store_true", help="skip kiln with the uint8 mapper")
+    parser.add_argument("--no-same-decoder", action="store_true",
+                        help="skip the bare loop and litdata decoding with simplejpeg, as kiln does")
     parser.add_argument("--no-peers", action="store_true",
                         help="skip litdata and mosaicml-streaming (and their venv, bench/.venv-streaming)")
     parser.add_argument("--out", help="write the table (.md) or all results (.json) here")
@@ -489,10 +500,22 @@ def main() -> None:
             specs.append(base | {"name": name, "loader": "kiln", "urls": paths, "workers": w, "shuffle": True,
                                  "mapper": "uint8"})
             ratios[name] = ("bare", bare)
+        if w == workers[0] and not args.no_same_decoder:
+            # kiln decodes JPEGs with simplejpeg: the bare loop and the best peer doing the same
+            # tell the pipelines apart from the decoders.
+            name = f"bare tar+simplejpeg, W={w}"
+            specs.append(base | {"name": name, "loader": "bare", "urls": paths, "workers": w, "decoder": "simplejpeg"})
+            ratios[name] = ("bare", bare)
         if w == workers[0] and formats:
             for peer, fmt in formats.items():
                 name = f"{PEER_LABELS[peer]}, shuffle on, W={w}"
                 specs.append(base | {"name": name, "loader": peer, "data": fmt["dir"], "workers": w, "python": python})
+                ratios[name] = ("bare", bare)
+                peers_local.append(name)
+            if not args.no_same_decoder:
+                name = "litdata + simplejpeg, shuffle on, W={w}".format(w=w)
+                specs.append(base | {"name": name, "loader": "litdata", "data": formats["litdata"]["dir"], "workers": w,
+                                     "python": python, "decoder": "simplejpeg"})
                 ratios[name] = ("bare", bare)
                 peers_local.append(name)
         if w == workers[0] and not args.no_s3:
@@ -544,7 +567,9 @@ def main() -> None:
         ratios[name] = (ratios[name][0], statistics.median(per_round), per_round)
     main_name = f"kiln ShardPipeline, shuffle on, W={workers[0]}"
     versus = {"local": versus_best(results, main_name, peers_local),
-              "s3": versus_best(results, f"kiln ShardPipeline from S3 (moto), shuffle on, W={workers[0]}", peers_s3)}
+              "s3": versus_best(results, f"kiln ShardPipeline from S3 (moto), shuffle on, W={workers[0]}", peers_s3),
+              "bare_same_decoder": versus_best(results, main_name, [n for n in results if "simplejpeg" in n and
+                                                                     n.startswith("bare")])}
     md = table(results, ratios)
     meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpus": os.cpu_count(),
             "machine": platform.platform(), "versions": versions(peer_versions(python) if python else None),
@@ -574,6 +599,8 @@ def main() -> None:
         detail += f"; kiln {verdict} the best peer (peers vs bare: {peer_ratios})"
         if versus["s3"]:
             detail += f"; from S3 vs the best peer {versus['s3']['median']:.2f}x"
+    if versus["bare_same_decoder"]:
+        detail += f"; {versus['bare_same_decoder']['median']:.2f}x of a bare loop with kiln's JPEG decoder"
     detail += f"; {args.samples} {args.size}px JPEGs, batch {args.batch_size}, W={workers[0]}"
     write_result("loader", {
         "section": "Data loader",
@@ -581,6 +608,7 @@ def main() -> None:
                                                                  if local else "") + f", samples/s, W={workers[0]}",
         "ratio": ratio, "ratio_vs_best_peer": local["median"] if local else None,
         "ratio_vs_best_peer_s3": versus["s3"]["median"] if versus["s3"] else None,
+        "ratio_vs_bare_same_decoder": versus["bare_same_decoder"]["median"] if versus["bare_same_decoder"] else None,
         "detail": detail, "ratios": {k: v[1] for k, v in ratios.items()},
         "first_batch_s": {k: median(v, "first_batch_s") for k, v in results.items()},
         "command": meta["command"],
@@ -594,7 +622,11 @@ def peer_lines(versus: dict) -> list[str]:
     """The kiln / best peer ratios, as the bullets under the table."""
     lines = []
     for where, v in versus.items():
-        if v:
+        if v and where == "bare_same_decoder":
+            rounds = ", ".join(f"{r:.2f}" for r in v["per_round"])
+            lines.append(f"- **kiln / the bare loop decoding with simplejpeg too**: {v['median']:.2f} (median; "
+                         f"per round: {rounds}).")
+        elif v:
             rounds = ", ".join(f"{r:.2f} ({p.split(',')[0].replace(' from S3 (moto)', '')})"
                                for r, p in zip(v["per_round"], v["best_peer"]))
             lines.append(f"- **kiln / the best peer{' from S3' if where == 's3' else ''}**: {v['median']:.2f} "

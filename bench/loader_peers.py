@@ -5,6 +5,7 @@ the test environment; loader.py times them beside kiln's loader and the bare loo
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -29,7 +30,8 @@ PEER_LABELS = {"litdata": "litdata", "mosaic": "mosaicml-streaming"}
 # pinned one), and streaming also declares cloud SDKs (Azure, GCS, OCI, SFTP) and matplotlib that
 # it imports only for other stores and tools.
 PEER_DEPS = ["numpy<2.2", "pillow", "psutil", "boto3<2", "lightning-utilities", "filelock", "requests", "obstore",
-             "xxhash<4", "zstd<2", "brotli", "python-snappy<1", "transformers<5", "tqdm", "catalogue<3"]
+             "xxhash<4", "zstd<2", "brotli", "python-snappy<1", "transformers<5", "tqdm", "catalogue<3",
+             "simplejpeg"]  # the last for the peer decoding as kiln does
 
 
 def tar_samples(path: str):
@@ -47,14 +49,25 @@ def tar_samples(path: str):
                 sample = {}
 
 
-def decode_item(item: dict) -> dict:
-    """A peer's stored sample decoded as the bare loop decodes it: the uint8 (H, W, 3) tensor and the label."""
+def decode_jpeg(data: bytes, decoder: str):
+    """A JPEG's pixels, (H, W, 3) uint8: "pil" as a user's transform would decode it, or
+    "simplejpeg", libjpeg-turbo called directly as kiln decodes it (the same pixels)."""
     import numpy as np
-    import torch
+
+    if decoder == "simplejpeg":
+        import simplejpeg
+
+        return simplejpeg.decode_jpeg(data, colorspace="RGB")
     from PIL import Image
 
-    image = Image.open(io.BytesIO(item["jpg"])).convert("RGB")
-    return {"image": torch.from_numpy(np.array(image)), "label": item["cls"]}
+    return np.array(Image.open(io.BytesIO(data)).convert("RGB"))  # convert forces the decode
+
+
+def decode_item(item: dict, decoder: str = "pil") -> dict:
+    """A peer's stored sample decoded as the bare loop decodes it: the uint8 (H, W, 3) tensor and the label."""
+    import torch
+
+    return {"image": torch.from_numpy(decode_jpeg(item["jpg"], decoder)), "label": item["cls"]}
 
 
 def stub_torchvision() -> None:
@@ -127,7 +140,8 @@ def peer_loader(spec: dict):
             from litdata.streaming import downloader
 
             downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = True
-        dataset = litdata.StreamingDataset(spec["data"], shuffle=True, transform=decode_item, **kwargs)
+        transform = functools.partial(decode_item, decoder=spec.get("decoder", "pil"))
+        dataset = litdata.StreamingDataset(spec["data"], shuffle=True, transform=transform, **kwargs)
         return litdata.StreamingDataLoader(dataset, batch_size=spec["batch_size"], num_workers=spec["workers"])
     # mosaicml-streaming
     stub_torchvision()
@@ -135,7 +149,7 @@ def peer_loader(spec: dict):
 
     class Decoded(streaming.StreamingDataset):
         def __getitem__(self, index):
-            return decode_item(super().__getitem__(index))
+            return decode_item(super().__getitem__(index), spec.get("decoder", "pil"))
 
     if spec.get("s3"):  # shards are downloaded into a `local` folder of this run's own
         local = tempfile.mkdtemp(prefix="mds-")
@@ -153,7 +167,7 @@ def peer_python() -> str:
 
     version = torch.__version__  # with its local label (+cpu), so the same build comes from disk
     venv_python(VENV, "import torch, numpy, PIL, psutil, boto3, lightning_utilities, filelock, obstore, xxhash, zstd, "
-                      "brotli, snappy, transformers, catalogue; print(torch.__version__)", version,
+                      "brotli, snappy, transformers, catalogue, simplejpeg; print(torch.__version__)", version,
                 [f"torch=={version}", *PEER_DEPS])
     probe = ("import importlib.metadata as m, torch; print(torch.__version__, "
              + ", ".join(f"m.version({name!r})" for name in PEER_VERSIONS) + ")")
