@@ -19,7 +19,7 @@ from conftest import kiln, read_metrics
 
 pytestmark = pytest.mark.learning
 
-ADA_STEPS = 1500  # iterations of each ADA run (batch 32: 48k images, 48 passes over the subset)
+ADA_STEPS = 1500  # iterations of each ADA run (at batch 32: 48k images, 48 passes over the subset)
 
 
 def test_fid_and_kid_three_times_better_than_untrained(tmp_path):
@@ -55,8 +55,8 @@ def _ada_p(run: Path) -> list[float]:
 
 def fit_for_ada(tmp_path: Path, name: str, extra: list[str], steps: int) -> list[float]:
     run = tmp_path / name
-    r = kiln("fit", "-c", "configs/stylegan/learn.yaml", *extra, "--run_dir", str(run), "--wandb.mode", "disabled",
-             "--trainer.max_steps", str(steps), "--trainer.max_time", "null", timeout=3600)
+    r = kiln("fit", "-c", "configs/stylegan/learn.yaml", *extra, "--data.init_args.batch_size", "32", "--run_dir", str(run),
+             "--wandb.mode", "disabled", "--trainer.max_steps", str(steps), "--trainer.max_time", "null", timeout=3600)
     assert r.returncode == 0, r.stderr[-3000:]
     return _ada_p(run)
 
