@@ -50,21 +50,16 @@ def jpeg_pixels(data: bytes) -> np.ndarray | None:
     return None
 
 
-def decode_image(data: bytes, jpeg: bool) -> Image.Image:
-    """An RGB PIL image (webdataset's "pil" handler converts every image to RGB too)."""
-    pixels = jpeg_pixels(data) if jpeg else None
-    if pixels is not None:
-        return Image.fromarray(pixels)
+def pillow_image(data: bytes) -> Image.Image:
+    """An RGB PIL image decoded by Pillow (webdataset's "pil" handler converts every image to RGB too)."""
     with Image.open(io.BytesIO(data)) as image:
         image.load()
         return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def decode_field(name: str, data: bytes) -> object:
-    ext = extension(name)
-    if ext in _IMAGES:
-        return decode_image(data, ext in _JPEG)
-    return _BASIC.decode1(name, data)
+    """A field other than a JPEG libjpeg-turbo reads (`Sample` decodes those itself)."""
+    return pillow_image(data) if extension(name) in _IMAGES else _BASIC.decode1(name, data)
 
 
 class Sample(Mapping):
@@ -80,12 +75,20 @@ class Sample(Mapping):
         """An image field as it decodes most cheaply: a JPEG libjpeg-turbo reads as its RGB
         pixels, (H, W, 3) uint8 (a PIL image costs ~25 us more for a 64 px one, made and read
         back), anything else as `sample[name]` gives it."""
-        if name not in self.decoded and extension(name) in _JPEG and isinstance(self.raw.get(name), bytes):
-            if name not in self.pixels:
-                self.pixels[name] = jpeg_pixels(self.raw[name])
-            if self.pixels[name] is not None:
-                return self.pixels[name]
+        if name not in self.decoded:
+            pixels = self._jpeg(name)
+            if pixels is not None:
+                return pixels
         return self[name]
+
+    def _jpeg(self, name: str) -> np.ndarray | None:
+        """The field's pixels if it is a JPEG libjpeg-turbo reads (decoded once), else None."""
+        data = self.raw.get(name)
+        if not (isinstance(data, bytes) and extension(name) in _JPEG):
+            return None
+        if name not in self.pixels:
+            self.pixels[name] = jpeg_pixels(data)
+        return self.pixels[name]
 
     def __getitem__(self, name: str) -> object:
         try:
@@ -93,11 +96,10 @@ class Sample(Mapping):
         except KeyError:
             pass
         data = self.raw[name]  # a missing field raises KeyError, as a dict would
-        if self.pixels.get(name) is not None:
-            data = Image.fromarray(self.pixels[name])
-        elif isinstance(data, bytes) and not name.startswith("__"):
+        if isinstance(data, bytes) and not name.startswith("__"):
+            pixels = self._jpeg(name)
             try:
-                data = decode_field(name, data)
+                data = Image.fromarray(pixels) if pixels is not None else decode_field(name, data)
             except Exception as exn:  # noqa: BLE001 - any decoder's failure means the same
                 raise FieldDecodeError(f"field {name!r}: {type(exn).__name__}: {exn}") from exn
         self.decoded[name] = data
