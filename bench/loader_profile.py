@@ -25,7 +25,7 @@ def stage_costs(paths: list[str], size: int, batch_size: int) -> None:
     from kiln.datamodules.webdataset import ShardPipeline, _Faults, _seed, collate, read_shard
 
     n = len(paths) * SHARD_SIZE
-    mapper, pipeline = ImageClass(image_size=size), ShardPipeline(paths, Uint8Image(), batch_size)
+    mapper = ImageClass(image_size=size)
 
     def cost(label: str, work) -> None:
         best = float("inf")
@@ -77,12 +77,16 @@ def stage_costs(paths: list[str], size: int, batch_size: int) -> None:
     cost("kiln: Sample(raw).image('jpg') (simplejpeg, pixels) and ['cls']",
          lambda: [(x.image("jpg"), x["cls"]) for x in map(Sample, raw)])
     cost("  for comparison: Sample(raw)['jpg'] (simplejpeg, then a PIL image)", lambda: [x["jpg"] for x in map(Sample, raw)])
+    cost("  simplejpeg.decode_jpeg_header alone (kiln's colour-space check)",
+         lambda: [simplejpeg.decode_jpeg_header(s["jpg"]) for s in raw])
     cost("  simplejpeg.decode_jpeg alone", lambda: [simplejpeg.decode_jpeg(s["jpg"], colorspace="RGB") for s in raw])
     cost("  for comparison: Pillow open + load (what webdataset's 'pil' handler runs)",
          lambda: [Image.open(io.BytesIO(s["jpg"])).load() for s in raw])
     cost("kiln: the per-sample seed + mapper.rng.seed (_example; seeding itself waits for a draw)",
          lambda: [mapper.rng.seed(_seed(0, 0, 0, 0, 0, 5, i)) for i in range(n)])
     cost("kiln: ImageClass mapper (its fields decoded already)", lambda: [mapper(s) for s in samples])
+    cost("  ImageClass mapper on fresh Samples (decoding included), results dropped",
+         lambda: [mapper(s) and None for s in map(Sample, raw)])
     cost("  to_tensor of a PIL image (uint8; the float conversion runs after the transfer)",
          lambda: [to_tensor(s["jpg"]) for s in decoded])
     cost("  resize at native size (returns a copy)",
@@ -100,6 +104,8 @@ def stage_costs(paths: list[str], size: int, batch_size: int) -> None:
     cost("kiln: whole ShardPipeline, ImageClass, shuffle on", kiln_all(mapper))
     cost("kiln: whole ShardPipeline, ImageClass, shuffle off", kiln_all(mapper, shuffle=False))
     cost("kiln: whole ShardPipeline, uint8 mapper, shuffle on", kiln_all(Uint8Image()))
+    cost("kiln: whole ShardPipeline, a mapper returning a constant (reading + the pipeline's own work)",
+         kiln_all(lambda sample: {"label": 0}))
 
 
 def profile(paths: list[str], size: int, batch_size: int, n: int) -> None:
