@@ -1,6 +1,6 @@
 """Diffusion U-Net benchmark: a training step of kiln's `UNet` against diffusers' `UNet2DConditionModel` on CPU.
 
-    python3 bench/unet.py [--steps 20] [--rounds 3] [--warmup 3] [--batch 16] [--threads 2] [--write]
+    python3 bench/unet.py [--steps 20] [--rounds 3] [--warmup 3] [--batch 16] [--threads 2] [--peer-layout channels_last|nchw] [--write]
     python3 bench/unet.py --profile     # top ops by self CPU time of both sides' steps, instead
 
 A benchmark, not a test: it asserts nothing. A step is the optimizer's zero_grad, the forward
@@ -65,7 +65,7 @@ CLASSES = {"kiln": "kiln.modules.blocks.unet.UNet", "diffusers": "diffusers.UNet
 
 # -- one side, in its own process -----------------------------------------------------------------
 
-def build(side: str, batch: int):
+def build(side: str, batch: int, channels_last: bool = False):
     """The model, its forward on the fixed batch, the target, one training step, and a checksum
     of the batch (equal on both sides: same seed, same torch)."""
     import torch
@@ -88,6 +88,9 @@ def build(side: str, batch: int):
         from diffusers import UNet2DConditionModel
 
         model = UNet2DConditionModel(**CONFIGS["diffusers"])
+        if channels_last:  # diffusers' documented speed-up, which its users opt into
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
 
         def forward():
             return model(x, t, encoder_hidden_states=context).sample
@@ -109,7 +112,7 @@ def run_side(spec: dict) -> dict:
     import torch.nn.functional as F
 
     torch.set_num_threads(spec["threads"])
-    model, forward, noise, step, checksum = build(spec["side"], spec["batch"])
+    model, forward, noise, step, checksum = build(spec["side"], spec["batch"], spec.get("peer_channels_last", False))
     out = {"side": spec["side"], "threads": torch.get_num_threads(), "batch_checksum": checksum}
     if spec["mode"] == "info":
         versions = {"python": platform.python_version(), "torch": torch.__version__}
@@ -156,7 +159,12 @@ def report(args, info: dict, runs: dict, ratios: list[float], profiles: dict, me
         "fresh process (diffusers' under bench/.venv-diffusers, same torch), with the process "
         "settings `kiln` makes for itself on both sides (launch/host.py: OMP_WAIT_POLICY=PASSIVE, glibc malloc "
         "thresholds that keep freed activations instead of faulting them in again each step); the sides alternate, "
-        f"{args.rounds} rounds of {args.warmup} warm-up and {args.steps} timed steps each.", "",
+        f"{args.rounds} rounds of {args.warmup} warm-up and {args.steps} timed steps each. Memory format: "
+        "kiln's U-Net keeps its activations channels-last inside the module; diffusers' model and input are "
+        + ("converted to channels-last (`model.to(memory_format=torch.channels_last)`, diffusers' documented "
+           "speed-up; `--peer-layout nchw` measures it as constructed)." if args.peer_layout == "channels_last"
+           else "as constructed, NCHW (`--peer-layout nchw`; by default they are converted to channels-last)."),
+        "",
         f"- **kiln**: `{call('kiln')}`",
         f"- **diffusers**: `{call('diffusers')}`", "",
         "| side | parameters | GFLOP per step (fwd + bwd) | step time, median (IQR; min-max) | samples/s "
@@ -210,6 +218,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on both sides")
+    parser.add_argument("--peer-layout", choices=("channels_last", "nchw"), default="channels_last",
+                        help="diffusers' memory format: channels-last (its documented CPU/GPU speed-up, the "
+                             "stronger peer; kiln's U-Net is always channels-last inside) or as constructed")
     add_write_and_profile(parser, SECTION, 3)
     args = parse_args(parser, run_side)
 
@@ -217,7 +228,8 @@ def main() -> None:
 
     t0, load_before = time.time(), load1()
     pythons = {"kiln": sys.executable, "diffusers": peer_python(torch.__version__)}
-    base = {"batch": args.batch, "threads": args.threads, "warmup": args.warmup}
+    base = {"batch": args.batch, "threads": args.threads, "warmup": args.warmup,
+            "peer_channels_last": args.peer_layout == "channels_last"}
 
     def child(spec: dict) -> dict:
         return run_child(__file__, spec, f"{spec['side']} {spec['mode']}", pythons[spec["side"]],
