@@ -1,5 +1,5 @@
 """Shared fixtures: a small emoji shard set built once per session, a private cache, and
-process-wide state reset between tests (default dtype, process groups)."""
+process-wide state reset between tests (default dtype, process groups, environment variables)."""
 from __future__ import annotations
 
 import json
@@ -30,7 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def _reset_state():
     dtype = torch.get_default_dtype()
-    yield
+    # The environment too: Lightning's in-process DDP/FSDP setup exports MASTER_ADDR/MASTER_PORT,
+    # which every later multi-process `kiln` run (and SLURM job) would inherit and all bind the
+    # same port, colliding when test workers run side by side (`pytest -n 2`)
+    with patch.dict(os.environ):
+        yield
     torch.set_default_dtype(dtype)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
