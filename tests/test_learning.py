@@ -27,10 +27,12 @@ def _fit_and_eval(run: Path, config: str, held_out: str, *extra: str) -> dict:
 
 
 def test_short_clip_learns_across_styles(emoji_shards, tmp_path):
-    """320 emoji, 90 seconds of training: held-out-style retrieval well above the untrained model."""
+    """320 emoji, 250 steps (about a minute alone on 2 cores; bounded by steps, not time, so a busy
+    machine or a second test worker slows it without weakening it): held-out-style retrieval well
+    above the untrained model."""
     m = _fit_and_eval(tmp_path / "run", "configs/clip/learn.yaml", "openmoji",
                       "--data.init_args.root", emoji_shards, "--trainer.max_steps", "250",
-                      "--trainer.max_time", "00:00:01:30", "--trainer.val_check_interval", "250")
+                      "--trainer.max_time", "null", "--trainer.val_check_interval", "250")
     assert m["retrieval/top1_untrained"] < 0.03
     assert m["retrieval/top1"] >= 0.20, m  # chance is 0.01; measured 0.37 in CI
 
