@@ -112,7 +112,7 @@ def run_side(spec: dict) -> dict:
     import torch.nn.functional as F
 
     torch.set_num_threads(spec["threads"])
-    model, forward, noise, step, checksum = build(spec["side"], spec["batch"], spec.get("peer_channels_last", False))
+    model, forward, noise, step, checksum = build(spec["side"], spec["batch"], spec["peer_channels_last"])
     out = {"side": spec["side"], "threads": torch.get_num_threads(), "batch_checksum": checksum}
     if spec["mode"] == "info":
         versions = {"python": platform.python_version(), "torch": torch.__version__}

@@ -317,7 +317,7 @@ class Discriminator(nn.Module):
     shard_units = (DiscriminatorBlock, DiscriminatorEpilogue)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.fromrgb(x).contiguous(memory_format=torch.channels_last)  # as Generator.synthesis
+        x = self.fromrgb(x).contiguous(memory_format=torch.channels_last)  # as SynthesisBlock (4x4)
         for block in self.blocks:
             x = block(x)
         return self.epilogue(x)
