@@ -1,4 +1,5 @@
-"""Members of a tar shard held in memory, at a fraction of `tarfile`'s cost.
+"""Members of a tar shard held in memory, and its WebDataset samples, at a fraction of the cost
+of `tarfile` and webdataset's `tar_file_iterator` + `group_by_keys`.
 
 Why by hand: `tarfile` builds a TarInfo per member, decoding every header field (owner,
 mtime, mode, ...), and in stream mode it copies each member through a buffer; on WebDataset
@@ -7,18 +8,27 @@ shards of small images that header work costs more than decoding the JPEGs (`ben
 name, size and type of plain POSIX (ustar) headers straight from the buffer and checks every
 header's checksum at once with numpy. Anything else -- pax or GNU long-name headers, sizes in
 base-256, links -- goes through `tarfile` instead, so no tar that `tarfile` reads is misread.
+`tar_samples` groups the members into samples as webdataset does, in one loop over plain tuples
+(webdataset builds a dict per member and matches a regular expression on each name). On shards
+of 64 px JPEG samples (3 members each), CPU per sample: the members 8.1 -> 4.7-5.1 us (the
+checksum fields are parsed with numpy too), members to samples 13-14 -> 7.2-7.6.
 """
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 
 import numpy as np
 
 BLOCK = 512
 _END = bytes(2 * BLOCK)
+_ZERO = bytes(BLOCK)
 _PLAIN = (b"0", b"\0")  # a regular file
 _SKIPPED = (b"5",)  # a directory: no content
+_KNOWN = _PLAIN + _SKIPPED
+_META = re.compile(r"(.*/)?__[^/]*__($|/)")  # webdataset's metadata members (`__index__`), never samples
+_KEY_FIELD = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's `base_plus_ext`
 
 
 class _NotPlain(Exception):
@@ -37,17 +47,17 @@ def _plain_members(data: bytes) -> tuple[list[tuple[str, bytes]], Exception | No
         if len(header) < BLOCK:
             damage = tarfile.ReadError(f"truncated: no end-of-archive marker after {len(data)} bytes")
             break
-        if header == _END[:BLOCK]:
+        if header == _ZERO:
             if data[offset : offset + 2 * BLOCK] != _END:
                 damage = tarfile.ReadError("truncated: a single zero block where the archive should end")
             break
-        kind, size = header[156:157], _field(header, 124, 136)
-        if kind not in _PLAIN + _SKIPPED or header[124] & 0x80:
+        kind = header[156:157]
+        if kind not in _KNOWN or header[124] & 0x80:
             raise _NotPlain
-        size = int(size.strip() or b"0", 8)
+        size = int(_field(header, 124, 136).strip() or b"0", 8)
         name = _field(header, 0, 100)
-        if prefix := _field(header, 345, 500) if header[257:262] == b"ustar" else b"":
-            name = prefix + b"/" + name
+        if header[345] and header[257:263] == b"ustar\0":  # POSIX: a long name's directory part
+            name = _field(header, 345, 500) + b"/" + name
         start = offset + BLOCK
         if start + size > len(data):
             damage = tarfile.ReadError(f"unexpected end of data in {name.decode(errors='replace')}")
@@ -56,17 +66,26 @@ def _plain_members(data: bytes) -> tuple[list[tuple[str, bytes]], Exception | No
         if kind in _PLAIN:
             members.append((name.decode("utf-8", "surrogateescape"), data[start : start + size]))
         offset = start + -(-size // BLOCK) * BLOCK
-    # Checksums last, all at once: the sum of the header's bytes with its checksum field as spaces.
-    if headers:
-        blocks = np.frombuffer(data, np.uint8, count=(headers[-1] // BLOCK + 1) * BLOCK).reshape(-1, BLOCK)
-        rows = blocks[np.asarray(headers) // BLOCK]
-        sums = rows.sum(axis=1, dtype=np.int64) - rows[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
-        stored = [int(_field(bytes(row[148:156]), 0, 8).strip() or b"0", 8) for row in rows]
-        if bad := [i for i, (s, c) in enumerate(zip(sums, stored)) if s != c]:
-            # Members from the first damaged header on are not to be trusted.
-            kept = sum(1 for h in headers[: bad[0]] if data[h + 156 : h + 157] in _PLAIN)
-            return members[:kept], tarfile.ReadError(f"bad header checksum at byte {headers[bad[0]]}")
+    if headers and (bad := _bad_checksums(data, headers)):
+        # Members from the first damaged header on are not to be trusted.
+        kept = sum(1 for h in headers[: bad[0]] if data[h + 156 : h + 157] in _PLAIN)
+        return members[:kept], tarfile.ReadError(f"bad header checksum at byte {headers[bad[0]]}")
     return members, damage
+
+
+def _bad_checksums(data: bytes, headers: list[int]) -> list[int]:
+    """Indices of the headers whose checksum does not match, all checked at once: the sum of a
+    header's bytes, its checksum field counted as spaces, against the field's octal digits."""
+    blocks = np.frombuffer(data, np.uint8, count=(headers[-1] // BLOCK + 1) * BLOCK).reshape(-1, BLOCK)
+    rows = blocks[np.asarray(headers) // BLOCK]
+    sums = rows.sum(axis=1, dtype=np.int64) - rows[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * ord(" ")
+    # The field's digits, skipping the spaces before and the NUL / space after them ("%06o\0 ").
+    stored = np.zeros(len(rows), np.int64)
+    for column in rows[:, 148:156].T.astype(np.int64) - ord("0"):
+        stored = np.where((column >= 0) & (column < 8), stored * 8 + column, stored)
+    # A field that reads differently as tarfile reads it (digits after a NUL) is read that way.
+    return [i for i in np.flatnonzero(sums != stored).tolist()
+            if sums[i] != int(_field(bytes(rows[i, 148:156]), 0, 8).strip() or b"0", 8)]
 
 
 def tar_members(data: bytes) -> tuple[list[tuple[str, bytes]], Exception | None]:
@@ -89,3 +108,36 @@ def tar_members(data: bytes) -> tuple[list[tuple[str, bytes]], Exception | None]
         # tarfile takes a tar cut at a member boundary for a whole one.
         return members, tarfile.ReadError(f"truncated: no end-of-archive marker after {len(data)} bytes")
     return members, None
+
+
+def tar_samples(data: bytes, url: str) -> tuple[list[dict], Exception | None]:
+    """The WebDataset samples of the tar in `data`, undecoded, and the error that ended it early
+    (damage, or a file name twice in one sample), or None.
+
+    A sample is the run of consecutive members sharing a key, the name up to the first dot of
+    its base name; each member becomes the field named by the rest, lower-cased, so
+    "dir/a.b.JPG" is sample "dir/a" field "b.jpg": webdataset's `group_by_keys` with
+    `base_plus_ext`, whose samples these are (tests/test_tars.py). Members without an extension
+    and metadata (`__index__`) are skipped."""
+    members, damage = tar_members(data)
+    samples: list[dict] = []
+    sample: dict = {}
+    for name, value in members:
+        if "__" in name and _META.match(name):
+            continue
+        slash = name.rfind("/")
+        dot = name.find(".", slash + 1)
+        if dot > slash + 1:  # what base_plus_ext matches first, found without the expression
+            key, field = name[:dot], name[dot + 1 :].lower()
+        elif dot == slash + 1 and (match := _KEY_FIELD.match(name)):  # "dir/.name" -> ("dir/", "name")
+            key, field = match[1], match[2].lower()
+        else:  # no extension
+            continue
+        if key != sample.get("__key__"):
+            sample = {"__key__": key, "__url__": url}
+            samples.append(sample)
+        elif field in sample:
+            samples.pop()  # the sample cannot be trusted
+            return samples, damage or ValueError(f"{name}: field {field!r} twice in sample {key!r}")
+        sample[field] = value
+    return samples, damage

@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import random
-import re
 import time
 import warnings
 from collections import Counter
@@ -46,18 +45,16 @@ import lightning as L
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
-from webdataset.tariterators import group_by_keys
 
 from kiln.datamodules.decoding import FieldDecodeError, Sample
 from kiln.datamodules.errors import DataError
 from kiln.datamodules.mappers import images_to_float
 from kiln.datamodules.shards import read_manifest
-from kiln.datamodules.tars import tar_members
+from kiln.datamodules.tars import tar_samples
 
 REASONS = ("unreadable_shard", "corrupt_shard", "decode", "missing_field", "map")
 INFO = "_kiln_data"  # the batch entry that carries a worker's position and skip counts
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-_META = re.compile(r"(.*/)?__[^/]*__($|/)")  # webdataset's metadata members, never samples
 
 Sources = dict[str, list[str]]
 
@@ -165,17 +162,10 @@ def read_shard(url: str, faults: _Faults, retries: int = 5, fetched: Future | No
     ahead). A shard that ends early or is corrupt yields the samples before the damage."""
     faults.shards_read += 1
     try:
-        members, damage = tar_members(fetched.result() if fetched is not None else fetch(url, retries))
+        samples, damage = tar_samples(fetched.result() if fetched is not None else fetch(url, retries), url)
     except Exception as exn:  # noqa: BLE001 - counted by reason, or raised in strict mode
         faults.skip("unreadable_shard", url, None, exn)
         return []
-    samples: list[dict] = []
-    files = ({"fname": name, "data": data, "__url__": url} for name, data in members if not _META.match(name))
-    try:
-        for sample in group_by_keys(files):
-            samples.append(sample)
-    except ValueError as exn:  # a file name twice in one sample
-        damage = damage or exn
     if damage is not None:
         faults.skip("corrupt_shard", url, None, damage)
     return samples

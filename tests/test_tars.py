@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from kiln.datamodules.tars import tar_members
+from kiln.datamodules.tars import tar_members, tar_samples
 
 
 def _tar(members: dict[str, bytes], fmt=tarfile.USTAR_FORMAT, directory: str | None = None) -> bytes:
@@ -64,3 +64,39 @@ def test_a_corrupt_header_is_damage():
     data[third_header + 10] ^= 0xFF  # a byte of the third member's name
     members, damage = tar_members(bytes(data))
     assert "checksum" in str(damage) and members == _reference(bytes(_tar(MEMBERS)))[:2]
+
+
+def _webdataset_samples(data: bytes, url: str) -> tuple[list[dict], Exception | None]:
+    """What webdataset makes of a tar: `tar_file_iterator` + `group_by_keys`, metadata dropped."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    samples: list[dict] = []
+    files = ({**f, "__url__": url} for f in tar_file_iterator(io.BytesIO(data)) if "__" not in f["fname"])
+    try:
+        samples.extend(group_by_keys(files))
+    except ValueError as exn:
+        return samples, exn
+    return samples, None
+
+
+def test_samples_group_as_webdataset_groups():
+    names = ["a/k1.jpg", "a/k1.cls", "a/k1.seg.PNG", "a/k2.jpg", "noext", "d.x/noext", "a/.hidden", "k3.b.c.txt",
+             "k3.jpg", "__index__", "d.x/k4.txt", "a/k1.txt"]  # a key seen before, not adjacent: a new sample
+    data = _tar({name: f"{i}".encode() for i, name in enumerate(names)})
+    samples, damage = tar_samples(data, "s3://b/shard.tar")
+    assert damage is None and samples == _webdataset_samples(data, "s3://b/shard.tar")[0]
+    assert [s["__key__"] for s in samples] == ["a/k1", "a/k2", "a/", "k3", "d.x/k4", "a/k1"]
+    assert samples[0] == {"__key__": "a/k1", "__url__": "s3://b/shard.tar", "jpg": b"0", "cls": b"1", "seg.png": b"2"}
+
+
+def test_a_field_twice_in_a_sample_ends_the_shard_there():
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, value in [("k1.jpg", b"1"), ("k2.jpg", b"2"), ("k2.cls", b"3"), ("k2.jpg", b"4"), ("k3.jpg", b"5")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(value)
+            tar.addfile(info, io.BytesIO(value))
+    samples, damage = tar_samples(out.getvalue(), "u")
+    reference, reference_damage = _webdataset_samples(out.getvalue(), "u")
+    assert samples == reference == [{"__key__": "k1", "__url__": "u", "jpg": b"1"}]
+    assert "twice" in str(damage) and reference_damage is not None
