@@ -25,9 +25,14 @@ def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
     between worker processes and to the device, and the float conversion runs on the device,
     in `images_to_float`, which `WebDataModule` applies after each batch's transfer. The pixels
     come out through `tobytes` into a bytearray (10.5 us for 64 px against 12 for
-    `np.array(image)`, which goes through the array interface)."""
+    `np.array(image)`, which goes through the array interface).
+
+    Pixels arrive as the decoder's array and leave as a copy: the decoder's buffer is then free
+    when the sample is, and the next image decodes into the same, cache-warm memory instead of
+    fresh memory each time until the batch is collated. The copy costs ~1 us for 64 px and saves
+    ~5 (in-process loop over 64 px JPEGs 51-52 -> 46-48 us a sample)."""
     if isinstance(image, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        return torch.from_numpy(np.array(image, order="C")).permute(2, 0, 1)
     image = image if image.mode == "RGB" else image.convert("RGB")
     w, h = image.size
     return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
