@@ -50,6 +50,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -461,7 +462,7 @@ def main() -> None:
     md = table(results, ratios)
     meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpus": os.cpu_count(),
             "machine": platform.platform(), "versions": versions(peer_versions(python) if python else None),
-            "command": " ".join(["python"] + sys.argv),
+            "command": shlex.join(["python3", os.path.relpath(os.path.abspath(__file__), REPO), *sys.argv[1:]]),
             "samples": base["samples"], "size": args.size, "batch_size": args.batch_size, "repeats": args.repeats,
             "load_before": load_before, "load_after": load_after,
             "peers": {PEER_LABELS[p]: f["files"] for p, f in (formats or {}).items()}}

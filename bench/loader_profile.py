@@ -22,7 +22,7 @@ def stage_costs(paths: list[str], size: int, batch_size: int) -> None:
 
     from kiln.datamodules.decoding import Sample
     from kiln.datamodules.mappers import ImageClass, to_tensor
-    from kiln.datamodules.webdataset import ShardPipeline, _Faults, _seed, collate, read_shard
+    from kiln.datamodules.webdataset import ShardPipeline, _Faults, _SampleSeeds, collate, read_shard
 
     n = len(paths) * SHARD_SIZE
     mapper = ImageClass(image_size=size)
@@ -69,7 +69,7 @@ def stage_costs(paths: list[str], size: int, batch_size: int) -> None:
     uint8 = [(torch.from_numpy(np.array(sample["jpg"])), sample["cls"]) for sample in decoded]
     print(f"\n== CPU per sample, in-process, no profiler, {n} samples (best of 5){' ' * 24}us/sample")
     cost("bare: open + tarfile stream mode, read every member", tar_only)
-    cost("kiln: read_shard (fsspec fetch, kiln.datamodules.tars, group_by_keys)",
+    cost("kiln: read_shard (fsspec fetch, kiln.datamodules.tars.tar_samples)",
          lambda: [read_shard(path, _Faults(False)) for path in paths])
     cost("  webdataset tar_file_iterator + group_by_keys on a plain open()", wds_tar)
     cost("bare: PIL open + convert('RGB') + np.array",
@@ -82,8 +82,12 @@ def stage_costs(paths: list[str], size: int, batch_size: int) -> None:
     cost("  simplejpeg.decode_jpeg alone", lambda: [simplejpeg.decode_jpeg(s["jpg"], colorspace="RGB") for s in raw])
     cost("  for comparison: Pillow open + load (what webdataset's 'pil' handler runs)",
          lambda: [Image.open(io.BytesIO(s["jpg"])).load() for s in raw])
-    cost("kiln: the per-sample seed + mapper.rng.seed (_example; seeding itself waits for a draw)",
-         lambda: [mapper.rng.seed(_seed(0, 0, 0, 0, 0, 5, i)) for i in range(n)])
+    def seeding():
+        seeds = _SampleSeeds(0, 0, 0, 0)
+        for i in range(n):
+            mapper.rng.seed(seeds((0, i // 2048, i % 2048)))
+
+    cost("kiln: the per-sample seed + mapper.rng.seed (_example; seeding itself waits for a draw)", seeding)
     cost("kiln: ImageClass mapper (its fields decoded already)", lambda: [mapper(s) for s in samples])
     cost("  ImageClass mapper on fresh Samples (decoding included), results dropped",
          lambda: [mapper(s) and None for s in map(Sample, raw)])
