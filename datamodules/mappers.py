@@ -169,7 +169,7 @@ class _Mapper:
         out = []
         for i, image in enumerate(images):
             resample = Image.Resampling.NEAREST if i < len(nearest) and nearest[i] else Image.Resampling.BICUBIC
-            if box != (0, 0, self.image_size, self.image_size):  # at its size already: no copy
+            if box != (0, 0, *size) or size != (self.image_size, self.image_size):  # else whole, at its size: no copy
                 image = _pil(image).resize((self.image_size, self.image_size), resample, box=box)
             if mirror:
                 image = image[:, ::-1] if isinstance(image, np.ndarray) else image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

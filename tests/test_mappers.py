@@ -11,7 +11,8 @@ from PIL import Image
 from torch.utils.data import default_collate
 from webdataset import autodecode
 
-from kiln.datamodules.mappers import ImageClass, ImageText, LabelMapImage, PairedImages, UnpairedImages, images_to_float
+from kiln.datamodules.mappers import (ImageClass, ImageText, LabelMapImage, PairedImages, UnpairedImages, crop_box,
+                                      images_to_float)
 
 def noise(seed: int = 0, size: int = 32) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
@@ -187,6 +188,22 @@ def test_field_lookup_by_stem_and_auto_image_key():
     torch.testing.assert_close(out["image"], ImageText(8, image_key="photo")(s)["image"])
     assert ImageText(8, image_key="photo.webp")(s)["caption"] == "x"  # the full name works too
     torch.testing.assert_close(ImageText(8)(sample(**{"photo.webp": noise(5), "txt": "x"}))["image"], out["image"])
+
+
+@pytest.mark.parametrize("as_pixels", [False, True], ids=["pil", "pixels"])
+def test_a_crop_the_size_of_the_output_at_the_corner_is_still_a_crop(as_pixels):
+    # A 48 px crop of a 64 px image drawn at (0, 0) once came back as the whole 64 px image (and
+    # broke the batch's stacking), mistaken for an image already at its size.
+    image = noise(size=64)
+    mapper = ImageClass(48, crop_scale=(0.5625, 0.5625))  # side 48, anywhere in 17 x 17 places
+    s = sample(png=np.asarray(image) if as_pixels else image, cls=1)
+    corner = 0
+    for seed in range(3000):
+        mapper.rng.seed(seed)
+        corner += crop_box((64, 64), mapper.crop_scale, mapper.rng)[:2] == (0, 0)
+        mapper.rng.seed(seed)
+        assert mapper(s)["image"].shape == (3, 48, 48), seed
+    assert corner  # the corner was drawn
 
 
 def test_images_of_different_sizes_cannot_share_a_crop():
