@@ -87,7 +87,7 @@ def stage_costs(paths: list[str], size: int, batch_size: int) -> None:
         for i in range(n):
             mapper.rng.seed(seeds((0, i // 2048, i % 2048)))
 
-    cost("kiln: the per-sample seed + mapper.rng.seed (_example; seeding itself waits for a draw)", seeding)
+    cost("kiln: the per-sample seed + mapper.rng.seed (seeding itself waits for a draw)", seeding)
     cost("kiln: ImageClass mapper (its fields decoded already)", lambda: [mapper(s) for s in samples])
     cost("  ImageClass mapper on fresh Samples (decoding included), results dropped",
          lambda: [mapper(s) and None for s in map(Sample, raw)])

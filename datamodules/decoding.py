@@ -57,17 +57,37 @@ def pillow_image(data: bytes) -> Image.Image:
         return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def decode_field(name: str, data: bytes) -> object:
-    """A field other than a JPEG libjpeg-turbo reads (`Sample` decodes those itself)."""
-    if extension(name) in _IMAGES:
+_RAW, _JPEG_IMAGE, _IMAGE = "raw", "jpeg", "image"  # kinds of field besides a basic decoder
+_DECODERS: dict[str, object] = {}  # field name -> its kind or decoder
+
+
+def _decoder(name: str) -> object:
+    """What decodes a field: _RAW (metadata such as `__key__`), _JPEG_IMAGE, _IMAGE, or a
+    function of its bytes; remembered per name, since every sample of a data set has the same few."""
+    kind = _DECODERS.get(name)
+    if kind is None:
+        ext = extension(name)
+        # txt, cls, json, npy, ...: the function `_BASIC.decode1` reaches for the extension as
+        # written, without its regular expression and handler chain (~1 us of a 2 us `cls`);
+        # None: through `_BASIC` (gz-compressed fields among them)
+        kind = (_RAW if name.startswith("__") else _JPEG_IMAGE if ext in _JPEG else _IMAGE if ext in _IMAGES
+                else decoders.get(name.rpartition(".")[2]))
+        if len(_DECODERS) >= 4096:  # a field named per sample: start over
+            _DECODERS.clear()
+        _DECODERS[name] = kind
+    return kind
+
+
+def _decode(kind: object, name: str, data: bytes) -> object:
+    if kind is _JPEG_IMAGE or kind is _IMAGE:
         return pillow_image(data)
-    # txt, cls, json, npy, ...: the function `_BASIC.decode1` reaches for the extension as
-    # written, without its regular expression and handler chain (~1 us of a 2 us `cls`).
-    decode = decoders.get(name.rpartition(".")[2])
-    if decode is None:
-        return _BASIC.decode1(name, data)  # gz-compressed fields among them
-    value = decode(data)
+    if kind is None:
+        return _BASIC.decode1(name, data)
+    value = kind(data)
     return data if value is None else value
+
+
+_NOT_YET = object()
 
 
 class Sample(Mapping):
@@ -91,21 +111,21 @@ class Sample(Mapping):
 
     def _jpeg(self, name: str) -> np.ndarray | None:
         """The field's pixels if it is a JPEG libjpeg-turbo reads (decoded once), else None."""
-        data = self.raw.get(name)
-        if not (isinstance(data, bytes) and extension(name) in _JPEG):
-            return None
-        if name not in self.pixels:
-            self.pixels[name] = jpeg_pixels(data)
-        return self.pixels[name]
+        pixels = self.pixels.get(name, _NOT_YET)
+        if pixels is _NOT_YET:
+            data = self.raw.get(name)
+            pixels = jpeg_pixels(data) if isinstance(data, bytes) and _decoder(name) is _JPEG_IMAGE else None
+            self.pixels[name] = pixels
+        return pixels
 
     def __getitem__(self, name: str) -> object:
         if name in self.decoded:
             return self.decoded[name]
         data = self.raw[name]  # a missing field raises KeyError, as a dict would
-        if isinstance(data, bytes) and not name.startswith("__"):
-            pixels = self._jpeg(name)
+        if isinstance(data, bytes) and (kind := _decoder(name)) is not _RAW:
             try:
-                data = Image.fromarray(pixels) if pixels is not None else decode_field(name, data)
+                pixels = self._jpeg(name) if kind is _JPEG_IMAGE else None
+                data = Image.fromarray(pixels) if pixels is not None else _decode(kind, name, data)
             except Exception as exn:  # noqa: BLE001 - any decoder's failure means the same
                 raise FieldDecodeError(f"field {name!r}: {type(exn).__name__}: {exn}") from exn
         self.decoded[name] = data
@@ -122,4 +142,3 @@ class Sample(Mapping):
 
     def __repr__(self) -> str:
         return f"Sample({self.raw.get('__key__')!r}, fields={list(self.raw)})"
-

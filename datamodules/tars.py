@@ -11,7 +11,8 @@ base-256, links -- goes through `tarfile` instead, so no tar that `tarfile` read
 `tar_samples` groups the members into samples as webdataset does, in one loop over plain tuples
 (webdataset builds a dict per member and matches a regular expression on each name). On shards
 of 64 px JPEG samples (3 members each), CPU per sample: the members 8.1 -> 4.7-5.1 us (the
-checksum fields are parsed with numpy too), members to samples 13-14 -> 7.2-7.6.
+checksum fields are parsed with numpy too) -> 4.8 (header fields read in place, without a copy
+of each header), members to samples 13-14 -> 7.2-7.6 -> 6.1.
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ import numpy as np
 BLOCK = 512
 _END = bytes(2 * BLOCK)
 _ZERO = bytes(BLOCK)
-_PLAIN = (b"0", b"\0")  # a regular file
-_SKIPPED = (b"5",)  # a directory: no content
-_KNOWN = _PLAIN + _SKIPPED
+_DIRECTORY = ord("5")  # no content
+_KINDS = frozenset({ord("0"), 0, _DIRECTORY})  # the type bytes read here: regular files and directories
+_ENDS_FIELD = (0, ord(" "))  # a numeric field's terminator
 _META = re.compile(r"(.*/)?__[^/]*__($|/)")  # webdataset's metadata members (`__index__`), never samples
 _KEY_FIELD = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's `base_plus_ext`
 
@@ -40,35 +41,45 @@ def _field(header: bytes, start: int, stop: int) -> bytes:
 
 
 def _plain_members(data: bytes) -> tuple[list[tuple[str, bytes]], Exception | None]:
+    # Header fields are read from `data` in place (no copy of each 512-byte header): the type
+    # byte as an int, the size as the usual 11 octal digits, the name up to its NUL.
     members, headers, offset = [], [], 0
     damage: Exception | None = None
+    end = len(data)
     while True:
-        header = data[offset : offset + BLOCK]
-        if len(header) < BLOCK:
-            damage = tarfile.ReadError(f"truncated: no end-of-archive marker after {len(data)} bytes")
+        if offset + BLOCK > end:
+            damage = tarfile.ReadError(f"truncated: no end-of-archive marker after {end} bytes")
             break
-        if header == _ZERO:
+        if not data[offset] and data[offset : offset + BLOCK] == _ZERO:
             if data[offset : offset + 2 * BLOCK] != _END:
                 damage = tarfile.ReadError("truncated: a single zero block where the archive should end")
             break
-        kind = header[156:157]
-        if kind not in _KNOWN or header[124] & 0x80:
+        kind = data[offset + 156]
+        if kind not in _KINDS or data[offset + 124] & 0x80:
             raise _NotPlain
-        size = int(_field(header, 124, 136).strip() or b"0", 8)
-        name = _field(header, 0, 100)
-        if header[345] and header[257:263] == b"ustar\0":  # POSIX: a long name's directory part
-            name = _field(header, 345, 500) + b"/" + name
+        size = None
+        if data[offset + 135] in _ENDS_FIELD:  # "%011o\0", as tar writers write it: one int()
+            try:
+                size = int(data[offset + 124 : offset + 135], 8)
+            except ValueError:
+                pass
+        if size is None:  # anything else as tarfile reads it
+            size = int(_field(data, offset + 124, offset + 136).strip() or b"0", 8)
+        stop = data.find(b"\0", offset, offset + 100)
+        name = data[offset : stop if stop >= 0 else offset + 100]
+        if data[offset + 345] and data[offset + 257 : offset + 263] == b"ustar\0":  # POSIX: a long name's directory part
+            name = _field(data, offset + 345, offset + 500) + b"/" + name
         start = offset + BLOCK
-        if start + size > len(data):
+        if start + size > end:
             damage = tarfile.ReadError(f"unexpected end of data in {name.decode(errors='replace')}")
             break
         headers.append(offset)
-        if kind in _PLAIN:
+        if kind != _DIRECTORY:
             members.append((name.decode("utf-8", "surrogateescape"), data[start : start + size]))
         offset = start + -(-size // BLOCK) * BLOCK
     if headers and (bad := _bad_checksums(data, headers)):
         # Members from the first damaged header on are not to be trusted.
-        kept = sum(1 for h in headers[: bad[0]] if data[h + 156 : h + 157] in _PLAIN)
+        kept = sum(1 for h in headers[: bad[0]] if data[h + 156] != _DIRECTORY)
         return members[:kept], tarfile.ReadError(f"bad header checksum at byte {headers[bad[0]]}")
     return members, damage
 
@@ -78,7 +89,9 @@ def _bad_checksums(data: bytes, headers: list[int]) -> list[int]:
     header's bytes, its checksum field counted as spaces, against the field's octal digits."""
     blocks = np.frombuffer(data, np.uint8, count=(headers[-1] // BLOCK + 1) * BLOCK).reshape(-1, BLOCK)
     rows = blocks[np.asarray(headers) // BLOCK]
-    sums = rows.sum(axis=1, dtype=np.int64) - rows[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * ord(" ")
+    # (uint32 sums: numpy's int64 reduction of uint8 costs twice as much; 512 bytes cannot overflow it)
+    sums = (rows.sum(axis=1, dtype=np.uint32).astype(np.int64)
+            - rows[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * ord(" "))
     # The field's digits, skipping the spaces before and the NUL / space after them ("%06o\0 ").
     stored = np.zeros(len(rows), np.int64)
     for column in rows[:, 148:156].T.astype(np.int64) - ord("0"):
