@@ -22,7 +22,7 @@ from conftest import kiln, read_metrics
 
 pytestmark = pytest.mark.learning
 
-ADA_STEPS = 6000  # iterations of each ADA run (at batch 32: 192k images, 192 passes over the subset)
+ADA_STEPS = 16000  # iterations of each ADA run (at batch 32: 512k images, 512 passes over the subset)
 # learn.yaml's D is 32 channels wide from 16 px down; here 64 at 8 px and 128 at 4 px: 8x the
 # parameters for ~2x the FLOPs. At learn.yaml's width D never overfits 1,000 images within a CPU
 # budget (RESULTS.md); the FID check keeps the narrow D, which trains faster.
