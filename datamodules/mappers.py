@@ -1,4 +1,5 @@
-"""Per-sample mappers: a decoded WebDataset sample (PIL images, text) -> a family's example.
+"""Per-sample mappers: a decoded WebDataset sample (PIL images, text) -> a family's example; and
+the image layout examples travel in (`to_tensor`, the pipeline's `collate`, `images_to_float`).
 
 The pipeline's protocol: before each `mapper(sample)` it calls `mapper.rng.seed(n)`, n derived
 from (seed, epoch, position), so a mapper draws all its randomness from `mapper.rng` and an
@@ -13,6 +14,7 @@ import random
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance
+from torch.utils.data import default_collate, get_worker_info
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp", "tif", "tiff")
 
@@ -47,6 +49,38 @@ def images_to_float(batch: dict) -> dict:
         if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.ndim == 4:
             batch[name] = value.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
     return batch
+
+
+def collate(examples: list[dict]) -> dict:
+    """`default_collate` field by field, except that images keep the layout they were decoded
+    in: a (C, H, W) view of (H, W, C) pixels, what `to_tensor` gives, is stacked as
+    (B, H, W, C) and handed on as its (B, C, H, W) view (channels-last strides). Transposing
+    each image into planes cost the workers ~4 us a 64 px sample; `images_to_float` makes the
+    float batch contiguous, on the device, in the same pass as the conversion."""
+    out = {}
+    for name in examples[0]:
+        values = [example[name] for example in examples]
+        first = values[0]
+        if isinstance(first, torch.Tensor) and first.ndim == 3 and first.shape[0] > 1 and first.stride(0) == 1:
+            out[name] = _stack_channels_last(values)
+        else:
+            out[name] = default_collate(values)
+    return out
+
+
+def _stack_channels_last(images: list[torch.Tensor]) -> torch.Tensor:
+    """(C, H, W) images stacked into a (B, C, H, W) batch with channels-last strides, in one
+    `torch.stack` into a buffer of that layout (a permuted view per image before cost ~0.7 us
+    each); in a DataLoader worker the buffer is shared memory, as `default_collate` makes it,
+    so the batch crosses to the main process without another copy."""
+    c, h, w = images[0].shape
+    shape, numel = (len(images), h, w, c), len(images) * images[0].numel()
+    if get_worker_info() is not None:
+        storage = images[0]._typed_storage()._new_shared(numel, device=images[0].device)
+        buffer = images[0].new(storage).view(shape)
+    else:
+        buffer = images[0].new_empty(shape)
+    return torch.stack(images, out=buffer.permute(0, 3, 1, 2))
 
 
 def crop_box(size: tuple[int, int], scale: tuple[float, float], rng: random.Random) -> tuple[int, int, int, int]:

@@ -3,9 +3,9 @@
 Read top to bottom (open_clip's order): shard list -> seeded shard shuffle per epoch -> split by
 rank (node x local rank) -> split by DataLoader worker -> open through fsspec -> tar to samples ->
 sample shuffle -> the family's sample mapper, which decodes the fields it reads
-(`kiln.datamodules.decoding`) -> batch. A family supplies only the
-mapper. Every URL, local or remote (file://, s3://, gs://), is opened through fsspec, because
-webdataset's own opener has no s3 scheme, and reads are retried with back-off.
+(`kiln.datamodules.decoding`) -> batch. A family supplies only the mapper. Every URL, local or
+remote (file://, s3://, gs://), is opened through fsspec, because webdataset's own opener has no
+s3 scheme, and reads are retried with back-off.
 
 Two choices make a mid-epoch resume exact, which no anchor does for tar shards:
 
@@ -44,11 +44,11 @@ import fsspec
 import lightning as L
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kiln.datamodules.decoding import FieldDecodeError, Sample
 from kiln.datamodules.errors import DataError
-from kiln.datamodules.mappers import images_to_float
+from kiln.datamodules.mappers import collate, images_to_float
 from kiln.datamodules.shards import read_manifest
 from kiln.datamodules.tars import tar_samples
 
@@ -337,8 +337,7 @@ class ShardPipeline(IterableDataset):
                 return
         faults = _Faults(self.strict)
         seeds = _SampleSeeds(self.seed, self.epoch, self.rank, worker)
-        # The mapper's rng is reseeded before each sample from the position after it.
-        rng = getattr(self.mapper, "rng", None)
+        rng = getattr(self.mapper, "rng", None)  # reseeded before each sample from the position after it
         starts = {name: tuple(positions.get(name, (0, 0, 0))) for name in self.sources}
         batch: list[dict] = []
         if list(self.sources) == [""]:
@@ -386,38 +385,6 @@ class ShardPipeline(IterableDataset):
         out[INFO] = {"split": self.split, "worker": worker, "produced": produced, "positions": positions,
                      "skipped": skipped, "shards_read": reads}
         return out
-
-
-def collate(examples: list[dict]) -> dict:
-    """`default_collate` field by field, except that images keep the layout they were decoded
-    in: a (C, H, W) view of (H, W, C) pixels, what `mappers.to_tensor` gives, is stacked as
-    (B, H, W, C) and handed on as its (B, C, H, W) view (channels-last strides). Transposing
-    each image into planes cost the workers ~4 us a 64 px sample; `images_to_float` makes the
-    float batch contiguous, on the device, in the same pass as the conversion."""
-    out = {}
-    for name in examples[0]:
-        values = [example[name] for example in examples]
-        first = values[0]
-        if isinstance(first, torch.Tensor) and first.ndim == 3 and first.shape[0] > 1 and first.stride(0) == 1:
-            out[name] = _stack_channels_last(values)
-        else:
-            out[name] = default_collate(values)
-    return out
-
-
-def _stack_channels_last(images: list[torch.Tensor]) -> torch.Tensor:
-    """(C, H, W) images stacked into a (B, C, H, W) batch with channels-last strides, in one
-    `torch.stack` into a buffer of that layout (a permuted view per image before cost ~0.7 us
-    each); in a DataLoader worker the buffer is shared memory, as `default_collate` makes it,
-    so the batch crosses to the main process without another copy."""
-    c, h, w = images[0].shape
-    shape, numel = (len(images), h, w, c), len(images) * images[0].numel()
-    if get_worker_info() is not None:
-        storage = images[0]._typed_storage()._new_shared(numel, device=images[0].device)
-        buffer = images[0].new(storage).view(shape)
-    else:
-        buffer = images[0].new_empty(shape)
-    return torch.stack(images, out=buffer.permute(0, 3, 1, 2))
 
 
 class _EpochLoader(DataLoader):
