@@ -147,18 +147,6 @@ def sample_image(sample: dict, name: str) -> Image.Image | np.ndarray:
     return sample.image(name) if hasattr(sample, "image") else sample[name]
 
 
-def find_image(sample: dict, key: str | None, taken: tuple[str, ...] = ()) -> tuple[str, Image.Image | np.ndarray]:
-    """`find_field` for an image (see `sample_image`)."""
-    name = field_name(sample, key, taken)
-    return name, sample_image(sample, name)
-
-
-def find_field(sample: dict, key: str | None, taken: tuple[str, ...] = ()) -> tuple[str, object]:
-    """The (name, value) of a sample's field (see `field_name`)."""
-    name = field_name(sample, key, taken)
-    return name, sample[name]
-
-
 def field_name(sample: dict, key: str | None, taken: tuple[str, ...] = ()) -> str:
     """The name of a sample's field.
 
