@@ -15,6 +15,7 @@ formats, CMYK JPEGs and JPEGs simplejpeg refuses (12-bit, damaged) go through Pi
 """
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Iterator, Mapping
 
@@ -58,24 +59,18 @@ def pillow_image(data: bytes) -> Image.Image:
 
 
 _RAW, _JPEG_IMAGE, _IMAGE = "raw", "jpeg", "image"  # kinds of field besides a basic decoder
-_DECODERS: dict[str, object] = {}  # field name -> its kind or decoder
 
 
+@functools.lru_cache(maxsize=4096)  # per name: every sample of a data set has the same few
 def _decoder(name: str) -> object:
     """What decodes a field: _RAW (metadata such as `__key__`), _JPEG_IMAGE, _IMAGE, or a
-    function of its bytes; remembered per name, since every sample of a data set has the same few."""
-    kind = _DECODERS.get(name)
-    if kind is None:
-        ext = extension(name)
-        # txt, cls, json, npy, ...: the function `_BASIC.decode1` reaches for the extension as
-        # written, without its regular expression and handler chain (~1 us of a 2 us `cls`);
-        # None: through `_BASIC` (gz-compressed fields among them)
-        kind = (_RAW if name.startswith("__") else _JPEG_IMAGE if ext in _JPEG else _IMAGE if ext in _IMAGES
-                else decoders.get(name.rpartition(".")[2]))
-        if len(_DECODERS) >= 4096:  # a field named per sample: start over
-            _DECODERS.clear()
-        _DECODERS[name] = kind
-    return kind
+    function of its bytes. txt, cls, json, npy, ...: the function `_BASIC.decode1` reaches for
+    the extension as written, without its regular expression and handler chain (~1 us of a 2 us
+    `cls`); None: through `_BASIC` (gz-compressed fields among them)."""
+    if name.startswith("__"):
+        return _RAW
+    ext = extension(name)
+    return _JPEG_IMAGE if ext in _JPEG else _IMAGE if ext in _IMAGES else decoders.get(name.rpartition(".")[2])
 
 
 def _decode(kind: object, name: str, data: bytes) -> object:

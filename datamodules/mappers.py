@@ -212,7 +212,8 @@ class _Mapper:
         images or pixel arrays; an array stays one unless it is resized); `nearest[i]` resizes
         image i with NEAREST (class ids must never be interpolated)."""
         size = _size(images[0])
-        if self.crop_scale is None and not self.flip and len(images) == 1 and size == (self.image_size,) * 2:
+        if (self.crop_scale is None and not self.flip and size == (self.image_size,) * 2
+                and all(_size(image) == size for image in images[1:])):
             return list(images)  # nothing to draw or do: the common case of a data set at its size
         if any(_size(image) != size for image in images):
             raise ValueError(f"{_where(sample)}: images of sizes {[_size(im) for im in images]} cannot share one crop")
