@@ -9,6 +9,7 @@ augmentation or dropout. Transforms use PIL and torch only (no torchvision, see 
 from __future__ import annotations
 
 import copy
+import math
 import random
 
 import numpy as np
@@ -52,35 +53,92 @@ def images_to_float(batch: dict) -> dict:
 
 
 def collate(examples: list[dict]) -> dict:
-    """`default_collate` field by field, except that images keep the layout they were decoded
-    in: a (C, H, W) view of (H, W, C) pixels, what `to_tensor` gives, is stacked as
-    (B, H, W, C) and handed on as its (B, C, H, W) view (channels-last strides). Transposing
-    each image into planes cost the workers ~4 us a 64 px sample; `images_to_float` makes the
-    float batch contiguous, on the device, in the same pass as the conversion."""
-    out = {}
+    """`default_collate` field by field, except in two ways.
+
+    Images keep the layout they were decoded in: a (C, H, W) view of (H, W, C) pixels, what
+    `to_tensor` gives, is stacked as (B, H, W, C) and handed on as its (B, C, H, W) view
+    (channels-last strides). Transposing each image into planes cost the workers ~4 us a 64 px
+    sample; `images_to_float` makes the float batch contiguous, on the device, in the same pass
+    as the conversion.
+
+    Every tensor of the batch (the stacked tensors, ints as int64, floats as float64, as
+    `default_collate` makes them) is a view of one block of memory, shared memory in a
+    DataLoader worker, and the worker's batch crosses to the main process as that one block:
+    one file descriptor a batch instead of one a tensor. Each costs the main process a
+    connection to the worker and its authentication handshake (~0.2 ms); with images and
+    labels that was ~4 us a 64-image batch's sample (bench/loader.py). Other fields (strings,
+    nested values) go through `default_collate`."""
+    out, views, size = {}, {}, 0
     for name in examples[0]:
         values = [example[name] for example in examples]
-        first = values[0]
-        if isinstance(first, torch.Tensor) and first.ndim == 3 and first.shape[0] > 1 and first.stride(0) == 1:
-            out[name] = _stack_channels_last(values)
-        else:
+        layout = _layout(values)
+        if layout is None:
             out[name] = default_collate(values)
-    return out
+        else:
+            size = -(-size // _ALIGN) * _ALIGN
+            views[name] = (size, *layout)
+            size += layout[0].itemsize * math.prod(layout[1])
+            out[name] = None  # filled below, in field order
+    if not views:
+        return out
+    worker = get_worker_info() is not None
+    size = max(size, 1)
+    block = torch.UntypedStorage._new_shared(size) if worker else torch.UntypedStorage(size)
+    for name, (offset, dtype, shape, stride) in views.items():
+        view = out[name] = _view(block, offset, dtype, shape, stride)
+        values = [example[name] for example in examples]
+        if isinstance(values[0], torch.Tensor):
+            torch.stack(values, out=view)
+        else:
+            view.copy_(torch.tensor(values, dtype=dtype))
+    return _OneBlock(out, block, views) if worker else out
 
 
-def _stack_channels_last(images: list[torch.Tensor]) -> torch.Tensor:
-    """(C, H, W) images stacked into a (B, C, H, W) batch with channels-last strides, in one
-    `torch.stack` into a buffer of that layout (a permuted view per image before cost ~0.7 us
-    each); in a DataLoader worker the buffer is shared memory, as `default_collate` makes it,
-    so the batch crosses to the main process without another copy."""
-    c, h, w = images[0].shape
-    shape, numel = (len(images), h, w, c), len(images) * images[0].numel()
-    if get_worker_info() is not None:
-        storage = images[0]._typed_storage()._new_shared(numel, device=images[0].device)
-        buffer = images[0].new(storage).view(shape)
-    else:
-        buffer = images[0].new_empty(shape)
-    return torch.stack(images, out=buffer.permute(0, 3, 1, 2))
+_ALIGN = 64  # bytes: each tensor of a batch's block starts on a cache line
+
+
+def _layout(values: list) -> tuple[torch.dtype, tuple[int, ...], tuple[int, ...]] | None:
+    """(dtype, shape, strides) of a field's batch tensor, or None for `default_collate` (values
+    of other types, or tensors of mixed shapes or dtypes, whose error it then names)."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        if first.is_sparse or any(v.shape != first.shape or v.dtype != first.dtype for v in values):
+            return None
+        shape = (len(values), *first.shape)
+        if first.ndim == 3 and first.shape[0] > 1 and first.stride(0) == 1:  # (C, H, W) view of (H, W, C)
+            c, h, w = first.shape
+            return first.dtype, shape, (h * w * c, 1, w * c, c)
+        return first.dtype, shape, torch.empty(shape, device="meta").stride()
+    kind = type(first)
+    if kind in (int, float) and all(type(v) is kind for v in values):
+        return (torch.int64 if kind is int else torch.float64), (len(values),), (1,)
+    return None
+
+
+def _view(block: torch.UntypedStorage, offset: int, dtype: torch.dtype, shape, stride) -> torch.Tensor:
+    return torch.empty(0, dtype=dtype).set_(block, offset // dtype.itemsize, shape, stride)
+
+
+class _OneBlock(dict):
+    """A worker's batch whose tensors are views of one shared-memory block: pickled (onto the
+    DataLoader's queue) as the block, its views' places and the other fields; the main process
+    unpickles a plain dict of the same views."""
+
+    def __init__(self, fields: dict, block: torch.UntypedStorage, views: dict):
+        super().__init__(fields)
+        self.block, self.views, self.made = block, views, dict(fields)
+
+    def __reduce__(self):
+        # a field replaced since collation (the pipeline adds its own) is pickled as it is
+        views = {name: self.views[name] for name, value in self.items() if name in self.views and value is self.made[name]}
+        rest = {name: value for name, value in self.items() if name not in views}
+        whole = torch.empty(0, dtype=torch.uint8).set_(self.block)
+        return _unpack, (whole, list(self), views, rest)
+
+
+def _unpack(whole: torch.Tensor, names: list[str], views: dict, rest: dict) -> dict:
+    block = whole.untyped_storage()
+    return {name: _view(block, *views[name]) if name in views else rest[name] for name in names}
 
 
 def crop_box(size: tuple[int, int], scale: tuple[float, float], rng: random.Random) -> tuple[int, int, int, int]:

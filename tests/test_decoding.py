@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, default_collate
 from webdataset import autodecode
 
 from kiln.datamodules.decoding import FieldDecodeError, Sample
-from kiln.datamodules.mappers import ImageClass, ImageText, images_to_float
+from kiln.datamodules.mappers import ImageClass, ImageText, images_to_float, to_tensor
 from kiln.datamodules.shards import write_shards
 from kiln.datamodules.webdataset import ShardPipeline, collate
 
@@ -104,6 +104,47 @@ def test_batches_hold_the_same_images_as_default_collate_channels_last():
     assert ours["key"] == theirs["key"]
     as_float = images_to_float(dict(ours))["image"]
     assert as_float.is_contiguous() and torch.equal(as_float, images_to_float(dict(theirs))["image"])
+
+
+class _Scores:
+    """A mapper with every kind of field collation meets: an image, an int, a float, a token
+    tensor, a bool and a string."""
+
+    def __call__(self, sample):
+        label = int(sample["cls"])
+        return {"image": to_tensor(sample.image("jpg")), "label": label, "score": label / 4, "tokens": torch.arange(3) + label,
+                "odd": label % 2 == 1, "key": sample["__key__"]}
+
+
+def test_a_worker_hands_over_each_batch_as_one_block_of_shared_memory(tmp_path):
+    """Through DataLoader workers every tensor of a batch arrives as a view of one block (one
+    file descriptor a batch, not one a tensor), in a plain dict equal to the batch made in-process
+    and to default_collate's values and dtypes."""
+    samples = [{"__key__": f"s{i}", "jpg": encode(photo(16, seed=i), "JPEG", quality=90), "cls": str(i).encode()} for i in range(12)]
+    write_shards(str(tmp_path), "d", {"train": samples}, shard_size=3, progress=False)
+    urls = str(tmp_path / "train" / "train-{000000..000003}.tar")
+
+    def batches(workers):
+        pipeline = ShardPipeline(urls, _Scores(), batch_size=3, shuffle=False, drop_last=False)
+        return list(DataLoader(pipeline, batch_size=None, num_workers=workers))
+
+    here, there = batches(0), batches(2)
+    assert sorted(b["key"][0] for b in there) == sorted(b["key"][0] for b in here) and len(here) == 4
+    for theirs in there:
+        ours = next(b for b in here if b["key"] == theirs["key"])
+        assert type(theirs) is dict and list(theirs) == list(ours)
+        tensors = [name for name, value in theirs.items() if isinstance(value, torch.Tensor)]
+        assert tensors == ["image", "label", "score", "tokens", "odd"]
+        assert len({theirs[name].untyped_storage().data_ptr() for name in tensors if name != "odd"}) == 1  # bools: default_collate
+        assert theirs["image"].is_contiguous(memory_format=torch.channels_last)
+        expected = default_collate([_Scores()(Sample(raw)) for raw in read_samples(theirs["key"], samples)])
+        for name in tensors:
+            assert theirs[name].dtype == expected[name].dtype and torch.equal(theirs[name], expected[name]), name
+            assert torch.equal(ours[name], theirs[name]), name
+
+
+def read_samples(keys, samples):
+    return [{"__url__": "", **next(s for s in samples if s["__key__"] == key)} for key in keys]
 
 
 @pytest.mark.parametrize("mapper", [ImageClass(image_size=40, flip=True), ImageClass(image_size=24, crop_scale=(0.5, 1), flip=True),
