@@ -61,13 +61,14 @@ def collate(examples: list[dict]) -> dict:
     sample; `images_to_float` makes the float batch contiguous, on the device, in the same pass
     as the conversion.
 
-    Every tensor of the batch (the stacked tensors, ints as int64, floats as float64, as
+    Every tensor of the batch (the stacked tensors, ints as int64, floats as float64, bools, as
     `default_collate` makes them) is a view of one block of memory, shared memory in a
-    DataLoader worker, and the worker's batch crosses to the main process as that one block:
-    one file descriptor a batch instead of one a tensor. Each costs the main process a
-    connection to the worker and its authentication handshake (~0.2 ms); with images and
-    labels that was ~4 us a 64-image batch's sample (bench/loader.py). Other fields (strings,
-    nested values) go through `default_collate`."""
+    DataLoader worker. The batch then crosses to the main process as that one block (pickling
+    meets the one storage once): one file descriptor a batch instead of one a tensor, each of
+    which costs the main process a connection to the worker and its authentication handshake,
+    and the worker a shared-memory copy of every tensor not made in shared memory (the labels).
+    That was ~10% of the loader's throughput (bench/loader.py). Other fields (strings, nested
+    values) go through `default_collate`."""
     out, views, size = {}, {}, 0
     for name in examples[0]:
         values = [example[name] for example in examples]
@@ -81,9 +82,8 @@ def collate(examples: list[dict]) -> dict:
             out[name] = None  # filled below, in field order
     if not views:
         return out
-    worker = get_worker_info() is not None
     size = max(size, 1)
-    block = torch.UntypedStorage._new_shared(size) if worker else torch.UntypedStorage(size)
+    block = torch.UntypedStorage._new_shared(size) if get_worker_info() is not None else torch.UntypedStorage(size)
     for name, (offset, dtype, shape, stride) in views.items():
         view = out[name] = _view(block, offset, dtype, shape, stride)
         values = [example[name] for example in examples]
@@ -91,7 +91,7 @@ def collate(examples: list[dict]) -> dict:
             torch.stack(values, out=view)
         else:
             view.copy_(torch.tensor(values, dtype=dtype))
-    return _OneBlock(out, block, views) if worker else out
+    return out
 
 
 _ALIGN = 64  # bytes: each tensor of a batch's block starts on a cache line
@@ -109,36 +109,17 @@ def _layout(values: list) -> tuple[torch.dtype, tuple[int, ...], tuple[int, ...]
             c, h, w = first.shape
             return first.dtype, shape, (h * w * c, 1, w * c, c)
         return first.dtype, shape, torch.empty(shape, device="meta").stride()
-    kind = type(first)
-    if kind in (int, float) and all(type(v) is kind for v in values):
-        return (torch.int64 if kind is int else torch.float64), (len(values),), (1,)
+    dtype = _NUMBERS.get(type(first))
+    if dtype is not None and all(type(v) is type(first) for v in values):
+        return dtype, (len(values),), (1,)
     return None
+
+
+_NUMBERS = {int: torch.int64, float: torch.float64, bool: torch.bool}  # default_collate's dtypes
 
 
 def _view(block: torch.UntypedStorage, offset: int, dtype: torch.dtype, shape, stride) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(block, offset // dtype.itemsize, shape, stride)
-
-
-class _OneBlock(dict):
-    """A worker's batch whose tensors are views of one shared-memory block: pickled (onto the
-    DataLoader's queue) as the block, its views' places and the other fields; the main process
-    unpickles a plain dict of the same views."""
-
-    def __init__(self, fields: dict, block: torch.UntypedStorage, views: dict):
-        super().__init__(fields)
-        self.block, self.views, self.made = block, views, dict(fields)
-
-    def __reduce__(self):
-        # a field replaced since collation (the pipeline adds its own) is pickled as it is
-        views = {name: self.views[name] for name, value in self.items() if name in self.views and value is self.made[name]}
-        rest = {name: value for name, value in self.items() if name not in views}
-        whole = torch.empty(0, dtype=torch.uint8).set_(self.block)
-        return _unpack, (whole, list(self), views, rest)
-
-
-def _unpack(whole: torch.Tensor, names: list[str], views: dict, rest: dict) -> dict:
-    block = whole.untyped_storage()
-    return {name: _view(block, *views[name]) if name in views else rest[name] for name in names}
 
 
 def crop_box(size: tuple[int, int], scale: tuple[float, float], rng: random.Random) -> tuple[int, int, int, int]:
