@@ -69,9 +69,9 @@ def collate(examples: list[dict]) -> dict:
     and the worker a shared-memory copy of every tensor not made in shared memory (the labels).
     That was ~10% of the loader's throughput (bench/loader.py). Other fields (strings, nested
     values) go through `default_collate`."""
+    columns = {name: [example[name] for example in examples] for name in examples[0]}
     out, views, size = {}, {}, 0
-    for name in examples[0]:
-        values = [example[name] for example in examples]
+    for name, values in columns.items():
         layout = _layout(values)
         if layout is None:
             out[name] = default_collate(values)
@@ -85,8 +85,8 @@ def collate(examples: list[dict]) -> dict:
     size = max(size, 1)
     block = torch.UntypedStorage._new_shared(size) if get_worker_info() is not None else torch.UntypedStorage(size)
     for name, (offset, dtype, shape, stride) in views.items():
-        view = out[name] = _view(block, offset, dtype, shape, stride)
-        values = [example[name] for example in examples]
+        view, values = _view(block, offset, dtype, shape, stride), columns[name]
+        out[name] = view
         if isinstance(values[0], torch.Tensor):
             torch.stack(values, out=view)
         else:
@@ -99,10 +99,10 @@ _ALIGN = 64  # bytes: each tensor of a batch's block starts on a cache line
 
 def _layout(values: list) -> tuple[torch.dtype, tuple[int, ...], tuple[int, ...]] | None:
     """(dtype, shape, strides) of a field's batch tensor, or None for `default_collate` (values
-    of other types, or tensors of mixed shapes or dtypes, whose error it then names)."""
+    of other types, tensors off the CPU, or of mixed shapes or dtypes, whose error it then names)."""
     first = values[0]
     if isinstance(first, torch.Tensor):
-        if first.is_sparse or any(v.shape != first.shape or v.dtype != first.dtype for v in values):
+        if first.is_sparse or first.device.type != "cpu" or any(v.shape != first.shape or v.dtype != first.dtype for v in values):
             return None
         shape = (len(values), *first.shape)
         if first.ndim == 3 and first.shape[0] > 1 and first.stride(0) == 1:  # (C, H, W) view of (H, W, C)
