@@ -90,8 +90,7 @@ def test_ada_p_rises_on_a_small_subset_and_stays_near_zero_on_the_full_set(tmp_p
                       "r_t_windows_full": windows(_ada(full_run, "train/ada_rt"))}, indent=1))
     # The words: p rises on the subset (from 0 to at least 0.05: 40 more steps up than
     # down, of 32 * 4 / 100k each with learn.yaml's ada_kimg) and stays near 0 on the full set (at
-    # most 0.01 over its last ten values, a fifth of the subset's). The ADA paper's p climbs far
-    # higher with a 512-channel D over thousands of kimg; this D and 512 kimg gave 0.068.
+    # most 0.01 over its last ten values, so at most a fifth of the subset's). The ADA paper's p
+    # climbs far higher with a 512-channel D over thousands of kimg; this D and 512 kimg gave 0.068.
     assert small[-1] >= 0.05, small[-10:]
     assert max(full[-10:]) <= 0.01, full[-10:]
-    assert small[-1] >= 5 * max(full[-10:]), (small[-1], full[-10:])
