@@ -8,6 +8,7 @@ tell a generator apart from 100%).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -111,11 +112,38 @@ def to_unit(images_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.float() / 127.5 - 1.0
 
 
+@contextlib.contextmanager
+def reproducible(seed: int):
+    """Within: the same numbers from the same seed whatever the caller's settings. One intra-op thread
+    (a reduction split over k threads sums in another order, so the weights depended on the core
+    count), deterministic algorithms only, and the global RNG (weight init, dropout) seeded in a
+    fork of the caller's, which gets its own state, thread count and determinism setting back after.
+    Bit-identical on one kind of CPU; kernels chosen by instruction set (AVX2/AVX-512) may still
+    round differently on another."""
+    threads = torch.get_num_threads()
+    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.set_num_threads(1)
+        torch.use_deterministic_algorithms(True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.set_num_threads(threads)
+
+
 @torch.enable_grad()  # also when asked for from inside an evaluation's no_grad
 def train_judge(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
                 cfg: JudgeConfig, name: str = "judge", log=print) -> Judge:
-    """Train on real images in [-1, 1] with random 2-pixel shifts and flips; AdamW, one-cycle."""
-    torch.manual_seed(cfg.seed)
+    """Train on real images in [-1, 1] with random 2-pixel shifts and flips; AdamW, one-cycle. A
+    function of `cfg.seed` and the data alone (see `reproducible`): on the CPU, one thread."""
+    with reproducible(cfg.seed):
+        return _train_judge(train_x, train_y, val_x, val_y, cfg, name, log)
+
+
+def _train_judge(train_x, train_y, val_x, val_y, cfg: JudgeConfig, name: str, log) -> Judge:
     judge = Judge(cfg, name=name)
     net = judge.net.train()
     steps = cfg.epochs * (len(train_x) // cfg.batch_size)
