@@ -6,7 +6,6 @@ config that `RunDirectory` stamps into every checkpoint, restricted to kiln's ow
 """
 from __future__ import annotations
 
-import os
 import pickle
 from typing import Any
 
@@ -15,6 +14,8 @@ import lightning as L
 import torch
 import yaml
 from jsonargparse import ArgumentParser
+
+from kiln.trainers.trust import UntrustedConfig, check_config, is_trusted
 
 
 class CheckpointError(ValueError):
@@ -63,13 +64,19 @@ def check_family(path: str, expected: str) -> None:
         raise CheckpointError(f"{path} is a '{family}' checkpoint, but this config trains '{expected}'")
 
 
+def _check(config: Any) -> None:
+    try:
+        check_config(config)
+    except UntrustedConfig as e:
+        raise CheckpointError(str(e)) from None
+
+
 def _instantiate(section: dict, base: type) -> Any:
     class_path = section.get("class_path", "") if isinstance(section, dict) else ""
-    # Your own families' packages are trusted when named: KILN_TRUSTED_PACKAGES=mypkg,otherpkg
-    trusted = ["kiln", *filter(None, os.environ.get("KILN_TRUSTED_PACKAGES", "").split(","))]
-    if not any(class_path.startswith(f"{package.strip()}.") for package in trusted):
+    if not is_trusted(class_path):  # a bare name would be looked up among every imported subclass
         raise CheckpointError(f"checkpoint config names a class outside kiln: {class_path!r} "
                               "(trust its package with KILN_TRUSTED_PACKAGES)")
+    _check(section)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(base, "obj", required=True)
     cfg = parser.parse_object({"obj": section})
@@ -78,7 +85,8 @@ def _instantiate(section: dict, base: type) -> Any:
 
 def build_from_checkpoint(ckpt: dict[str, Any], load_weights: bool = True):
     """(LightningModule, LightningDataModule) of the run that wrote `ckpt`."""
-    config = yaml.safe_load(ckpt["kiln"]["config"])
+    config = yaml.safe_load(ckpt["kiln"]["config"]) or {}
+    _check(config)  # the whole config, trainer and callbacks included, before any of it is imported
     model = _instantiate(config["model"], L.LightningModule)
     data = _instantiate(config["data"], L.LightningDataModule) if config.get("data") else None
     if load_weights:
