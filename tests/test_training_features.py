@@ -129,3 +129,43 @@ def test_ema_checkpoints_load_and_a_missing_ema_is_named(tmp_path):
     assert weights_for_sampling(plain) is plain.model
     with pytest.raises(ValueError, match="this clip checkpoint has no EMA weights"):
         weights_for_sampling(plain, use_ema=True)
+
+
+class Regression(L.LightningModule):
+    ema_target = "model"
+
+    def __init__(self):
+        super().__init__()
+        self.model = torch.nn.Linear(8, 1).double()
+
+    def training_step(self, batch, _):
+        return (self.model(batch[0]) - batch[1]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_ema_averages_once_per_optimizer_step_under_gradient_accumulation(tmp_path, accumulate=4):
+    """accumulate_grad_batches=k over batches of B gives the weights and the EMA of one step over
+    k * B: one average per optimizer step, not one per micro-batch (decay^k)."""
+    from kiln.trainers.ema import EMA
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8, generator=g, dtype=torch.float64),
+                                          torch.randn(64, 1, generator=g, dtype=torch.float64))
+    runs = {}
+    for k in (1, accumulate):
+        torch.manual_seed(0)
+        module = Regression()
+        trainer = L.Trainer(max_steps=6, accumulate_grad_batches=k, callbacks=[EMA(decay=0.9, warmup=False)],
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
+        trainer.fit(module, DataLoader(data, batch_size=64 // (2 * k)))  # two optimizer steps per epoch
+        assert trainer.global_step == 6
+        runs[k] = module
+    vector = torch.nn.utils.parameters_to_vector
+    assert torch.allclose(vector(runs[accumulate].model.parameters()), vector(runs[1].model.parameters()),
+                          rtol=0, atol=1e-12)  # the same optimizer steps
+    averaged = vector(runs[1].ema.parameters())
+    assert not torch.allclose(averaged, vector(runs[1].model.parameters()))  # the average lags the weights
+    assert torch.allclose(vector(runs[accumulate].ema.parameters()), averaged, rtol=0, atol=1e-12)

@@ -42,9 +42,13 @@ class EMA(L.Callback):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay, self.warmup, self.every_n_steps, self.target = decay, warmup, every_n_steps, target
+        self._averaged_at = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         attach(pl_module, self.target)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._averaged_at = trainer.global_step  # a resumed run has averaged up to here
 
     def decay_at(self, step: int) -> float:
         decay = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
@@ -53,8 +57,11 @@ class EMA(L.Callback):
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         step = trainer.global_step  # optimizer steps taken so far
-        if step == 0 or step % self.every_n_steps:
+        # A batch ends once per micro-batch: under gradient accumulation the weights move only at
+        # every k-th, and averaging at each would make the decay decay^k.
+        if step == self._averaged_at or step % self.every_n_steps:
             return
+        self._averaged_at = step
         live = getattr(pl_module, pl_module._ema_source)
         averages = [_local(p) for p in pl_module.ema.parameters()]
         weights = [_local(p) for p in live.parameters()]
