@@ -3,6 +3,7 @@ better FID/KID and judge accuracy than untrained, and 2 ranks score the same sam
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -126,3 +127,26 @@ def test_kiln_eval_on_a_generative_checkpoint(digits, tmp_path):
     r = kiln("sample", "--ckpt", str(tmp_path / "run" / "checkpoints" / "last.ckpt"), "--prompt", "a seven",
              "--out", str(samples), env=env)
     assert r.returncode != 0 and "family does not take --prompt (it takes: --class)" in r.stderr, r.stderr
+
+
+def test_fsdp2_ranks_make_the_same_number_of_generation_calls(digits, tmp_path):
+    """201 samples in calls of 100 over 2 ranks: 101 + 100, yet both ranks call 2 times (a sharded
+    forward is a collective; a rank calling once more waited forever), and the scores are one rank's."""
+    config = _toy_config(tmp_path / "toy.yaml", digits, lr=0.0, batch_size=16, steps=2, callbacks="""
+  callbacks:
+    - class_path: kiln.trainers.judging.GenerativeEval
+      init_args: {every_n_steps: 1000, num_samples: 201, batch_size: 100, extractor: judge-digits, judge: digits}""")
+    Path(config).write_text(Path(config).read_text().replace("tests.toy_generator.ClassMeans",
+                                                           "tests.toy_generator.ShardedClassMeans"))
+    scores = {}
+    for devices, strategy in ((1, "auto"), (2, "fsdp")):
+        run = tmp_path / f"ranks-{devices}"
+        args = ["-c", str(config), "--trainer.devices", str(devices), "--run_dir", str(run)]
+        if strategy == "fsdp":  # a short collective timeout: a rank left waiting fails the test in a minute
+            args += ["--trainer.strategy", "kiln.trainers.strategies.FSDP2", "--trainer.strategy.timeout_s", "60"]
+        r = kiln("fit", *args, env={"PYTHONPATH": str(REPO)}, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        [row] = [row for row in read_metrics(run) if "eval/fid/judge-digits" in row]
+        scores[devices] = row
+    for key in ("eval/fid/judge-digits", "eval/kid/judge-digits", "eval/judge_accuracy"):
+        assert scores[2][key] == pytest.approx(scores[1][key], rel=1e-5, abs=1e-9), key

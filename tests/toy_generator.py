@@ -47,3 +47,30 @@ class TwoStages(ClassMeans):
         images, labels = super().generate_for_eval(indices, seed)
         low = torch.nn.functional.avg_pool2d(images, 2)
         return {"base": (low, labels), "upsampled": (images, labels)}
+
+
+
+class ShardedClassMeans(ClassMeans):
+    """ClassMeans whose class images come out of a small network that FSDP2 shards (one unit per
+    Linear): every generation call runs a sharded forward, a collective, as a real family's does."""
+
+    def __init__(self, num_classes: int = 10, size: int = 8, noise: float = 0.05, lr: float = 0.05):
+        super().__init__(num_classes, size, noise, lr)
+        self.net = torch.nn.Sequential(torch.nn.Linear(num_classes, 32), torch.nn.Linear(32, size * size))
+
+    def shard_units(self) -> tuple[type, ...]:
+        return (torch.nn.Linear,)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        onehot = torch.nn.functional.one_hot(labels, len(self.means)).float()
+        return self.net(onehot).view(-1, *self.means.shape[1:])
+
+    def training_step(self, batch, _):
+        return (self(batch["label"]) - batch["image"].mean(1, keepdim=True)).pow(2).mean()
+
+    @torch.no_grad()
+    def generate_for_eval(self, indices: list[int], seed: int):
+        labels = torch.tensor([i % len(self.means) for i in indices])
+        noise = torch.stack([torch.randn(self.means.shape[1:], generator=torch.Generator().manual_seed(seed * 100003 + i))
+                             for i in indices])
+        return (self(labels) + self.noise * noise).clamp(-1, 1), labels

@@ -51,8 +51,14 @@ class GenerativeEval(L.Callback):
 
             self._judge = get_judge(self.judge_name)
 
-    def _share(self, trainer: L.Trainer, n: int) -> range:
-        return range(trainer.global_rank, n, trainer.world_size)
+    def _calls(self, trainer: L.Trainer) -> list[list[int]]:
+        """This rank's sample indices, one list per generation call. Every rank makes the same
+        number of calls whatever `num_samples` is: under FSDP2 or ZeRO-3 a forward gathers weights
+        from all ranks, so a rank that called once more than the others would wait forever. A
+        rank with nothing left for a call gets an empty list (it generates a stand-in and drops it)."""
+        mine = list(range(trainer.global_rank, self.num_samples, trainer.world_size))
+        per_rank = -(-self.num_samples // trainer.world_size)
+        return [mine[i:i + self.batch_size] for i in range(0, per_rank, self.batch_size)]
 
     @torch.no_grad()
     def _real_features(self, trainer: L.Trainer, pl_module: L.LightningModule, metric: FidKid, size: tuple) -> None:
@@ -75,16 +81,17 @@ class GenerativeEval(L.Callback):
             return {}
         self._last = trainer.global_step
         correct: dict[str, torch.Tensor] = {}  # stage -> (correct, judged)
-        mine = list(self._share(trainer, self.num_samples))
         was_training = pl_module.training
         pl_module.eval()
         for metric in self._metrics.values():
             metric.reset_fake()
-        for i in range(0, len(mine), self.batch_size):
-            for stage, (images, labels) in stages(pl_module.generate_for_eval(mine[i:i + self.batch_size], self.seed)).items():
+        for indices in self._calls(trainer):
+            for stage, (images, labels) in stages(pl_module.generate_for_eval(indices or [0], self.seed)).items():
                 if stage not in self._metrics:
                     self._metrics[stage] = FidKid(self._extractor).to(pl_module.device)
                     self._real_features(trainer, pl_module, self._metrics[stage], tuple(images.shape[1:]))
+                if not indices:  # the stand-in
+                    continue
                 self._metrics[stage].update(images, real=False)
                 if self._judge is not None and labels is not None:
                     predicted = self._judge.logits(images.cpu()).argmax(1)

@@ -40,6 +40,13 @@ class FidKid(nn.Module):
         self.kid.update(features, real=real)
 
     def compute(self) -> dict[str, float | str]:
+        # torchmetrics gathers a list state (KID keeps its features in one, unreduced) one tensor
+        # per list entry: ranks that updated a different number of times would pair different
+        # gathers and hang or mix their samples. One tensor per rank, however many updates.
+        for name in ("real_features", "fake_features"):
+            parts = _as_list(getattr(self.kid, name))
+            setattr(self.kid, name, [torch.cat(parts) if parts else
+                                     torch.zeros(0, self.extractor.num_features, dtype=torch.float64, device=self.kid.device)])
         if self.kid_subset_size is None:  # every sample of every rank, once
             counts = torch.tensor([sum(len(f) for f in _as_list(self.kid.real_features)),
                                    sum(len(f) for f in _as_list(self.kid.fake_features))])
