@@ -66,6 +66,16 @@ def test_report_of_a_real_run_renders_offline(emoji_shards, tmp_path):
     alts = [i["alt"] for i in images]
     assert {"train/loss", "val/retrieval/top1", "grid step 4", "grid step 8"} <= set(alts), alts
     assert all(i["src"] == "data:" and i["complete"] and i["width"] > 0 for i in images), images
+    # The first screen: the latest grid, then training and evaluation curves; the series that
+    # never move (data/skipped/* at 0, the world size logged once) are table rows, not plots.
+    leading = [a for a in alts[1:] if a.split("/", 1)[0] in ("train", "val", "eval")]
+    assert alts[0] == "grid step 8 (latest)" and alts[1:1 + len(leading)] == leading and "train/loss" in leading, alts
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    flat = {k for k in {k for row in metrics for k in row} - {"step", "epoch"}
+            if len({row[k] for row in metrics if k in row}) == 1}
+    assert flat and not flat & set(alts), (flat, alts)
+    page_text = out.read_text()
+    assert all(f"<td>{name}</td>" in page_text for name in flat)
 
 
 def test_report_of_a_directory_that_is_not_a_run(tmp_path):

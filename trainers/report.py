@@ -1,10 +1,14 @@
 """`kiln report RUN_DIR --out report.html`: one self-contained HTML file (every image inlined as a
 data: URI, no script or style from elsewhere) that a person can open offline or attach to a note.
 
-    - the run: family, config, last step
-    - a curve per metric in metrics.jsonl (train/loss, val/..., data/...), PNG plots
-    - the sample grids in samples/, each grid's name in order of step, so the same grid can be
-      followed over training
+    - the run: family, last step
+    - the latest sample grid of each kind, then the training and evaluation curves (train/...,
+      val/..., eval/...): what a person opens the report for, on the first screen
+    - the other curves (data/..., dist/..., ...) that change over the run
+    - one table of the series that never change or were logged once (data/skipped at 0, the
+      world size): a flat plot each would push everything else below the fold
+    - every sample grid in order of step, so the same grid can be followed over training
+    - the config
 """
 from __future__ import annotations
 
@@ -74,6 +78,15 @@ def sample_grids(run_dir: str) -> dict[str, list[tuple[int, bytes]]]:
     return {name: sorted(items) for name, items in sorted(grids.items())}
 
 
+# Metric prefixes that tell whether training works: shown first.
+LEADING = ("train", "val", "eval")
+
+
+def _flat(points: list[tuple[int, float]]) -> bool:
+    """Logged once, or the same value every time: a table row, not a plot."""
+    return len(points) < 2 or len({v for _, v in points}) == 1
+
+
 def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
@@ -91,22 +104,41 @@ def render(run_dir: str) -> str:
     metrics = read_metrics(run_dir) if fs.exists(f"{root}/metrics.jsonl") else {}
     last = max((s for points in metrics.values() for s, _ in points), default=0)
     grids = sample_grids(run_dir)
+    flat = {name: points for name, points in metrics.items() if _flat(points)}
+    curves = {name: points for name, points in sorted(metrics.items()) if name not in flat}
+    leading = {name: points for name, points in curves.items() if name.split("/", 1)[0] in LEADING}
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>kiln report: {html.escape(run_dir)}</title>",
         "<style>body{font-family:sans-serif;margin:1.5em;color:#222}h2{margin-top:1.5em}"
         ".row{display:flex;flex-wrap:wrap;gap:10px}.cell{text-align:center;font-size:12px}"
         "img{max-width:100%;image-rendering:pixelated}pre{background:#f6f6f6;padding:1em;overflow:auto;"
-        "font-size:11px}</style></head><body>",
+        "font-size:11px}table{border-collapse:collapse;font-size:12px}td,th{padding:2px 10px;text-align:left}"
+        "tr:nth-child(even){background:#f6f6f6}</style></head><body>",
         f"<h1>{html.escape(run_dir)}</h1>",
         f"<p>{html.escape(family)} &middot; last logged step {last} &middot; {len(metrics)} metrics"
         f" &middot; {sum(len(v) for v in grids.values())} sample grids</p>",
-        "<h2>Curves</h2><div class='row'>",
-        *(f"<div class='cell'>{_img(plot(name, points), name)}</div>" for name, points in sorted(metrics.items())),
-        "</div>",
     ]
     if grids:
-        parts.append("<h2>Sample grids</h2>")
+        parts.append("<h2>Latest samples</h2><div class='row'>")
+        parts += [f"<div class='cell'>{_img(items[-1][1], f'{name} step {items[-1][0]} (latest)')}<br>"
+                  f"{html.escape(name)}, step {items[-1][0]}</div>" for name, items in grids.items()]
+        parts.append("</div>")
+    for title, series in (("Training and evaluation", leading),
+                          ("Other curves", {k: v for k, v in curves.items() if k not in leading})):
+        if series:
+            parts.append(f"<h2>{title}</h2><div class='row'>")
+            parts += [f"<div class='cell'>{_img(plot(name, points), name)}</div>" for name, points in series.items()]
+            parts.append("</div>")
+    if flat:
+        parts.append("<h2>Constant or logged once</h2><table><tr><th>metric</th><th>value</th><th>logged</th>"
+                     "<th>steps</th></tr>")
+        parts += [f"<tr><td>{html.escape(name)}</td><td>{points[-1][1]:.6g}</td><td>{len(points)}&times;</td>"
+                  f"<td>{min(s for s, _ in points)}&ndash;{max(s for s, _ in points)}</td></tr>"
+                  for name, points in sorted(flat.items())]
+        parts.append("</table>")
+    if grids:
+        parts.append("<h2>Sample grids by step</h2>")
         for name, items in grids.items():
             parts.append(f"<h3>{html.escape(name)}</h3><div class='row'>")
             parts += [f"<div class='cell'>{_img(png, f'{name} step {step}')}<br>step {step}</div>"
