@@ -117,8 +117,9 @@ def test_truncation_bounds_and_seeds():
     assert torch.allclose(images[3], alone[0], atol=1e-6)
     with pytest.raises(ValueError, match="class 10 is outside"):
         module.generate(classes=[10])
-    grid, nrow = module.sample_grid()
+    grid, nrow, labels = module.sample_grid()
     assert grid.shape == (80, 1, 16, 16) and nrow == 8  # 10 classes x grid_per_class
+    assert labels == [f"class {c}" for c in range(10)]  # one label per row
 
 
 def test_ema_averages_the_generator():

@@ -166,7 +166,10 @@ class BigGANModule(AdversarialModule):
         return self.sample(labels, [seed * 1_000_003 + i for i in indices], self.hparams.truncation).cpu(), labels
 
     @torch.no_grad()
-    def sample_grid(self) -> tuple[Tensor, int]:
-        """`grid_classes` x `grid_per_class`, fixed noise (the SampleGrid callback)."""
+    def sample_grid(self) -> tuple[Tensor, int, list[str]]:
+        """`grid_classes` x `grid_per_class`, fixed noise, a row per class labelled with its
+        index (the SampleGrid callback)."""
         hp = self.hparams
-        return self.generate(hp.grid_per_class, 0, hp.grid_classes), hp.grid_per_class
+        # hparams hold the argument as given (None under the CLI): every class, as documented
+        classes = list(range(hp.num_classes)) if hp.grid_classes is None else list(hp.grid_classes)
+        return self.generate(hp.grid_per_class, 0, classes), hp.grid_per_class, [f"class {c}" for c in classes]

@@ -239,11 +239,12 @@ class GLIDEModule(L.LightningModule):
         return real, out, self.upsampled(low)
 
     @torch.no_grad()
-    def sample_grid(self) -> tuple[Tensor, int] | None:
-        """The configured prompts, `grid_per_prompt` images each, fixed noise (the SampleGrid callback)."""
+    def sample_grid(self) -> tuple[Tensor, int, list[str]] | None:
+        """The configured prompts, `grid_per_prompt` images each, fixed noise, a row per prompt
+        labelled with it (the SampleGrid callback)."""
         hp = self.hparams
         if not hp.grid_prompts or (hp.stage == "upsampler" and not hp.base_ckpt):
             return None
         out = self.generate(hp.grid_per_prompt, 0, hp.grid_prompts)
         images = out["upsampled"] if isinstance(out, dict) else out
-        return images, hp.grid_per_prompt
+        return images, hp.grid_per_prompt, list(hp.grid_prompts)
