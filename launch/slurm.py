@@ -22,13 +22,48 @@ from kiln.trainers.args import CommandParser
 from kiln.trainers.run_dir import default_run_dir
 
 
-def render(template: str, values: dict[str, object]) -> str:
-    def fill(match: re.Match) -> str:
-        if match.group(1) not in values:
-            raise KeyError(f"slurm template names an unknown value: {match.group(1)}")
-        return str(values[match.group(1)])
+# How the user gave each value that goes on an `#SBATCH` line, for the error naming it.
+FLAGS = {"job_name": "--job-name", "time": "--time", "workdir": "the working directory", "run_root": "--run-root"}
 
-    return re.sub(r"\{\{(\w+)\}\}", fill, template)
+
+def sbatch_word(value: str, what: str) -> str:
+    """`value` as one argument of an `#SBATCH` line. sbatch splits those lines itself, not the
+    shell: quotes group, a backslash escapes the next character and an unquoted `#` starts a
+    comment; nothing can carry a line break, so a control character is refused."""
+    if re.search(r"[\x00-\x1f\x7f]", value):
+        raise ValueError(f"{what} {value!r} cannot go on an #SBATCH line (it holds a newline or other control character)")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _comment(text: str) -> str:
+    # A line break would end the comment and start a line of script (or stop sbatch reading directives).
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
+
+
+def render(template: str, values: dict[str, object]) -> str:
+    """Fills `{{name}}` (as is: numbers and text already quoted), `{{name|sh}}` (one shell word),
+    `{{name|sbatch}}` (one `#SBATCH` argument), `{{name|pattern}}` (the same inside a filename
+    pattern, where sbatch reads `%` as a replacement symbol) and `{{name|comment}}`."""
+    def fill(match: re.Match) -> str:
+        name, quote = match.groups()
+        if name not in values:
+            raise KeyError(f"slurm template names an unknown value: {name}")
+        value, what = str(values[name]), FLAGS.get(name, name)
+        if quote == "sh":
+            return shlex.quote(value)
+        if quote == "sbatch":
+            return sbatch_word(value, what)
+        if quote == "pattern":
+            if "\\" in value:  # in a filename pattern it turns the replacement symbols (%j) off
+                raise ValueError(f"{what} {value!r} cannot hold a backslash: sbatch reads it in the log file's name")
+            return sbatch_word(value.replace("%", "%%"), what)
+        if quote == "comment":
+            return _comment(value)
+        if quote:
+            raise KeyError(f"slurm template names an unknown quoting: {quote}")
+        return value
+
+    return re.sub(r"\{\{(\w+)(?:\|(\w+))?\}\}", fill, template)
 
 
 def _template(launcher: str) -> str:
@@ -80,10 +115,10 @@ def main(argv: list[str]) -> None:
         "accelerator_arg": "--trainer.accelerator cpu " if not args.gpus_per_node else "",
         "time": args.time,
         "signal_s": args.signal_s,
-        "partition_line": f"#SBATCH --partition={args.partition}" if args.partition else "",
+        "partition_line": f"#SBATCH --partition={sbatch_word(args.partition, '--partition')}" if args.partition else "",
         "workdir": os.getcwd(),
         "run_root": run_root,
-        "kiln": shutil.which("kiln") or f"{sys.executable} -m kiln.trainers.cli",
+        "kiln": shlex.join([shutil.which("kiln")] if shutil.which("kiln") else [sys.executable, "-m", "kiln.trainers.cli"]),
         "python": sys.executable,
         "config_args": " ".join(f"-c {shlex.quote(c)}" for c in args.config),
         "extra": shlex.join(args.extra),
