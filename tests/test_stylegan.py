@@ -286,3 +286,85 @@ def test_short_run_on_digits_learns(digits, tmp_path):
     print(json.dumps(scores, indent=1, sort_keys=True))
     assert scores["fid"] < scores["fid_untrained"] / 3, scores  # seen: 14.1 and 16.4 vs 67.0
     assert scores["kid"] < scores["kid_untrained"] / 8, scores  # seen: 0.13 and 0.18 vs 2.26
+
+
+def test_fir_resampling_keeps_constants_and_matches_values_by_hand():
+    """The [1, 3, 3, 1] filter of the paper's code (kiln.modules.blocks.fir): shapes, a constant
+    image stays constant inside the border, the impulse response, bilinear in the interior, and
+    downsampling's frequency response cos(w / 2)^3 per axis (a 2x2 box passes cos(w / 2))."""
+    from kiln.modules.blocks.fir import downsample2d, upfirdn2d, upsample2d
+
+    assert upsample2d(torch.zeros(2, 3, 5, 7)).shape == (2, 3, 10, 14)
+    assert downsample2d(torch.zeros(2, 3, 8, 6)).shape == (2, 3, 4, 3)
+    assert upfirdn2d(torch.zeros(1, 2, 5, 5), up=2, down=1, padding=(1, 2, 0, 3)).shape == (1, 2, 10, 10)
+    up = upsample2d(torch.ones(1, 1, 4, 4))[0, 0]
+    # outside the image the filter reads zeros: 3/4 on the edges, 9/16 in the corners
+    assert torch.allclose(up[1:-1, 1:-1], torch.ones(6, 6)) and up[0, 3].item() == pytest.approx(0.75)
+    assert up[0, 0].item() == pytest.approx(0.5625)
+    down = downsample2d(torch.ones(1, 1, 8, 8))[0, 0]
+    assert torch.allclose(down[1:-1, 1:-1], torch.ones(2, 2)) and down[0, 2].item() == pytest.approx(7 / 8)
+    # an impulse at (1, 1) of a 4x4 image spreads to rows and columns 1-4 of the 8x8 one, as [1, 3, 3, 1] / 4 per axis
+    impulse = torch.zeros(1, 1, 4, 4)
+    impulse[0, 0, 1, 1] = 1.0
+    v = torch.tensor([0.0, 1, 3, 3, 1, 0, 0, 0]) / 4
+    assert torch.allclose(upsample2d(impulse)[0, 0], torch.outer(v, v))
+    x = torch.randn(2, 3, 6, 6)
+    bilinear = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    assert torch.allclose(upsample2d(x)[..., 1:-1, 1:-1], bilinear[..., 1:-1, 1:-1], atol=1e-6)
+    m = torch.arange(16.0)
+    for w in (0.0, math.pi / 4, math.pi / 2, 3 * math.pi / 4, math.pi):
+        wave = torch.cos(w * m + 0.3).expand(1, 1, 8, 16)
+        out = downsample2d(wave)[0, 0, 1:-1, 1:-1]
+        i = torch.arange(1, 7.0)
+        expected = math.cos(w / 2) ** 3 * torch.cos(w * (2 * i + 0.5) + 0.3)  # the filter centred between 2i and 2i + 1
+        assert torch.allclose(out, expected.expand(2, -1), atol=1e-6), w
+
+
+def test_resampling_convs_pad_as_the_papers_code():
+    """G's up-sampling conv (stride-2 transposed conv, then the filter) equals the paper's code's
+    generic path: zero insertion, the filter padded (3, 2), a 3x3 conv without padding (on the
+    flipped weights, the transposed conv's orientation). D's down-sampling convs equal a conv at
+    full resolution (padded by 2 for 3x3) followed by filtering and keeping every other sample."""
+    from kiln.modules.blocks.fir import upfirdn2d
+    from kiln.modules.stylegan.networks import EqualConv2d
+
+    torch.manual_seed(0)
+    x, weight, styles = torch.randn(3, 4, 5, 5), torch.randn(6, 4, 3, 3), torch.exp(torch.randn(3, 4) / 2)
+    up = upfirdn2d(x * styles[:, :, None, None], up=2, padding=(3, 2, 3, 2), gain=4.0)
+    plain = torch.nn.functional.conv2d(up, weight.flip(2, 3))
+    d = torch.rsqrt(styles.square() @ weight.square().sum(dim=(2, 3)).t() + 1e-8)
+    for grouped in (True, False):
+        out = modulated_conv2d(x, weight, styles, grouped=grouped, up=True)
+        assert out.shape == (3, 6, 10, 10)
+        assert torch.allclose(out, plain * d[:, :, None, None], atol=1e-5), grouped
+        assert torch.allclose(modulated_conv2d(x, weight, styles, demodulate=False, grouped=grouped, up=True), plain, atol=1e-5)
+    x = torch.randn(2, 4, 8, 8)
+    conv = EqualConv2d(4, 6, 3, activate=False, down=True)
+    full = torch.nn.functional.conv2d(x, conv.weight * conv.weight_gain, conv.bias, padding=2)
+    assert torch.allclose(conv(x), upfirdn2d(full, down=2), atol=1e-5) and conv(x).shape == (2, 6, 4, 4)
+    skip = EqualConv2d(4, 6, 1, bias=False, activate=False, down=True)
+    full = torch.nn.functional.conv2d(x, skip.weight * skip.weight_gain)
+    assert torch.allclose(skip(x), upfirdn2d(full, down=2, padding=1), atol=1e-5) and skip(x).shape == (2, 6, 4, 4)
+
+
+def test_generator_and_discriminator_train_through_the_fir_resampling():
+    module = _module()
+    G, D = module.generator, module.discriminator
+    z = torch.randn(4, 32)
+    images = G(z)
+    assert images.shape == (4, 1, 16, 16)
+    images.retain_grad()
+    logits = D(images)
+    assert logits.shape == (4,)
+    # R1 differentiates D's input gradient once more: the FIR convs have double backward
+    (grad,) = torch.autograd.grad(logits.sum(), images, create_graph=True)
+    (logits.sum() + grad.square().sum()).backward()
+    for net in (G, D):
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+    # the grouped convs (inference) and the batched ones (training) are the same function, up-sampling included
+    ws = G.mapping_ws(z)
+    G.eval()
+    grouped = G.synthesis(ws, "none")
+    G.train()
+    assert torch.allclose(grouped, G.synthesis(ws, "none"), atol=1e-4)

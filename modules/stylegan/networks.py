@@ -15,9 +15,11 @@ config-f's networks:
 - Equalised learning rate everywhere (Karras et al. 2018): weights drawn N(0, 1) / lr_mul and
   scaled at run time by lr_mul / sqrt(fan_in), biases by lr_mul; activations scaled by sqrt(2).
 
-Up- and down-sampling are bilinear interpolation and 2x2 average pooling (the paper's code uses
-transposed / strided convs with a [1, 3, 3, 1] FIR filter: the same low-pass resampling, at the
-same parameter count). Channels follow the paper's code: min(channel_base / resolution, channel_max).
+Resampling is the paper's code's (`kiln.modules.blocks.fir`, the [1, 3, 3, 1] filter): G's
+up-sampling conv is a stride-2 transposed conv followed by the filter (gain 4), the skip image is
+up-sampled by zero insertion and the filter; D's down-sampling convs filter first and then stride
+2 (a 3x3 conv filters with 2 pixels of padding, a 1x1 one downsamples before it convolves).
+Channels follow the paper's code: min(channel_base / resolution, channel_max).
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kiln.modules.blocks.fir import BINOMIAL, upfirdn2d, upsample2d
 
 ACT_GAIN = math.sqrt(2)  # keeps leaky ReLU's output variance near its input's
 
@@ -57,7 +61,7 @@ class EqualLinear(nn.Module):
 
 
 class EqualConv2d(nn.Module):
-    """A convolution with equalised learning rate; `down` average-pools 2x first."""
+    """A convolution with equalised learning rate; `down` halves the resolution, the FIR filter first."""
 
     def __init__(self, cin: int, cout: int, kernel: int, bias: bool = True, activate: bool = True, down: bool = False):
         super().__init__()
@@ -66,18 +70,37 @@ class EqualConv2d(nn.Module):
         self.weight_gain, self.activate, self.down = 1 / math.sqrt(cin * kernel * kernel), activate, down
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.down:
-            x = F.avg_pool2d(x, 2)
         gain = ACT_GAIN if self.activate else 1.0
         bias = None if self.bias is None else self.bias * gain
-        x = F.conv2d(x, self.weight * (self.weight_gain * gain), bias, padding=self.weight.shape[-1] // 2)
+        weight, k = self.weight * (self.weight_gain * gain), self.weight.shape[-1]
+        if not self.down:
+            x = F.conv2d(x, weight, bias, padding=k // 2)
+        elif k == 1:  # a 1x1 conv commutes with the filter: filter only the samples it keeps
+            x = F.conv2d(upfirdn2d(x, BINOMIAL, down=2, padding=(len(BINOMIAL) - 2) // 2), weight, bias)
+        else:  # the conv's own padding and the filter's, applied once before both
+            x = F.conv2d(upfirdn2d(x, BINOMIAL, padding=k // 2 + (len(BINOMIAL) - 2) // 2), weight, bias, stride=2)
         return F.leaky_relu(x, 0.2, inplace=True) if self.activate else x
 
 
+def _conv(x: Tensor, weight: Tensor, groups: int, up: bool) -> Tensor:
+    """A same-size conv, or (up) the paper's code's 2x up-sampling conv: the weights scattered at
+    stride 2 by a transposed conv, then the FIR filter with gain 4 and the padding that leaves
+    exactly 2H x 2W."""
+    k = weight.shape[-1]
+    if not up:
+        return F.conv2d(x, weight, padding=k // 2, groups=groups)
+    o, i = weight.shape[:2]
+    weight = weight.reshape(groups, o // groups, i, k, k).transpose(1, 2).reshape(groups * i, o // groups, k, k)
+    x = F.conv_transpose2d(x, weight, stride=2, groups=groups)  # (2H + k - 2) x (2W + k - 2)
+    pad = k // 2 + (len(BINOMIAL) + 1) // 2 - (k - 1)
+    return upfirdn2d(x, BINOMIAL, padding=pad, gain=4.0)
+
+
 def modulated_conv2d(x: Tensor, weight: Tensor, styles: Tensor, demodulate: bool = True, grouped: bool = True,
-                     gain: float = 1.0) -> Tensor:
+                     gain: float = 1.0, up: bool = False) -> Tensor:
     """Section 2.2: w'_ijk = s_i w_ijk, then (demodulate) w''_ijk = w'_ijk / sqrt(sum_ik w'_ijk^2 + eps);
-    the output times `gain`. x (N, I, H, W), weight (O, I, k, k), styles (N, I).
+    the output times `gain`. x (N, I, H, W), weight (O, I, k, k), styles (N, I); `up`: the output
+    is 2H x 2W (see `_conv`).
 
     grouped: one grouped convolution with a group per sample and its own modulated weights (the
     paper's implementation). Otherwise the same function as a plain batched convolution of the
@@ -87,20 +110,20 @@ def modulated_conv2d(x: Tensor, weight: Tensor, styles: Tensor, demodulate: bool
     cout, _, kh, kw = weight.shape
     if not grouped:
         if not demodulate:
-            return F.conv2d(x * (styles * gain)[:, :, None, None], weight, padding=kh // 2)
-        out = F.conv2d(x * styles[:, :, None, None], weight, padding=kh // 2)
+            return _conv(x * (styles * gain)[:, :, None, None], weight, 1, up)
+        out = _conv(x * styles[:, :, None, None], weight, 1, up)
         # sum_ik (s_i w_oik)^2 = sum_i s_i^2 sum_k w_oik^2: no (N, O, I, k, k) tensor
         d = torch.rsqrt(styles.square() @ weight.square().sum(dim=(2, 3)).t() + 1e-8) * gain
         return out * d[:, :, None, None]
     weight = weight[None] * (styles * gain)[:, None, :, None, None]  # (N, O, I, k, k)
     if demodulate:
         weight = weight * (torch.rsqrt(weight.square().sum(dim=(2, 3, 4), keepdim=True) + 1e-8) * gain)
-    out = F.conv2d(x.reshape(1, n * cin, h, w), weight.reshape(n * cout, cin, kh, kw), padding=kh // 2, groups=n)
-    return out.view(n, cout, h, w)
+    out = _conv(x.reshape(1, n * cin, h, w), weight.reshape(n * cout, cin, kh, kw), n, up)
+    return out.view(n, cout, *out.shape[2:])
 
 
 class SynthesisLayer(nn.Module):
-    """Modulated 3x3 conv (optionally on the 2x up-sampled input), noise, bias, leaky ReLU."""
+    """Modulated 3x3 conv (optionally up-sampling 2x), noise, bias, leaky ReLU."""
 
     def __init__(self, cin: int, cout: int, w_dim: int, resolution: int, up: bool = False):
         super().__init__()
@@ -113,13 +136,12 @@ class SynthesisLayer(nn.Module):
 
     def forward(self, x: Tensor, w: Tensor, noise: Tensor | str = "random") -> Tensor:
         """`noise`: "random" (fresh per call), "const" (this layer's fixed map), "none", or a (N, 1, H, W) tensor."""
-        if self.up:
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
         if isinstance(noise, str) and noise not in ("random", "const", "none"):
             raise ValueError(f"unknown noise mode {noise!r}; choose 'random', 'const' or 'none'")
         # lrelu(a) * g = lrelu(a * g): the activation gain scales the conv, noise and bias; the
         # conv's output is a fresh tensor no backward needs, so noise, bias and activation update it in place
-        x = modulated_conv2d(x, self.weight * self.weight_gain, self.affine(w), grouped=not self.training, gain=ACT_GAIN)
+        x = modulated_conv2d(x, self.weight * self.weight_gain, self.affine(w), grouped=not self.training, gain=ACT_GAIN,
+                             up=self.up)
         strength = (self.noise_strength * ACT_GAIN)[:, None, None]
         if isinstance(noise, Tensor):
             x = x.addcmul_(noise, strength)
@@ -173,7 +195,7 @@ class SynthesisBlock(nn.Module):
             x = self.conv1(x, ws[:, 1], noise[1])
         rgb = self.torgb(x, ws[:, -1])
         if image is not None:
-            image = F.interpolate(image, scale_factor=2, mode="bilinear", align_corners=False)
+            image = upsample2d(image)
         return x, rgb if image is None else image + rgb
 
 
