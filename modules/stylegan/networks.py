@@ -5,9 +5,10 @@ config-f's networks:
   learning-rate multiplier of 0.01, -> w; `w_avg`, a running mean of w, for truncation.
 - Synthesis: a learned constant 4x4 input; per resolution an up-sampling modulated 3x3 conv and a
   second one (weights scaled per input channel by a style from w, then demodulated to unit output
-  variance: section 2.2), each followed by per-pixel noise scaled by learned per-channel strengths,
-  a bias and leaky ReLU; "skip" outputs: a toRGB (modulated 1x1, not demodulated) at every
-  resolution, summed into an up-sampled image (section 4.1). w is broadcast to one copy per layer
+  variance: section 2.2), each followed by per-pixel noise scaled by one learned strength per layer
+  (the paper's code; StyleGAN's, Karras et al. 2019, had one per channel), a bias and leaky ReLU;
+  "skip" outputs: a toRGB (modulated 1x1, not demodulated) at every resolution, summed into an
+  up-sampled image (section 4.1). w is broadcast to one copy per layer
   (`num_ws`), so style mixing and W+ projection can give layers different ones.
 - Discriminator: "residual" (section 4.1): fromRGB at the input resolution, per resolution two
   3x3 convs with a down-sampled 1x1 shortcut, summed and scaled by 1/sqrt(2); at 4x4 the
@@ -130,7 +131,8 @@ class SynthesisLayer(nn.Module):
         self.affine = EqualLinear(w_dim, cin, bias_init=1.0)  # styles start at 1: plain convs at init
         self.weight = _init_normal((cout, cin, 3, 3), 1.0)
         self.bias = nn.Parameter(torch.zeros(cout))
-        self.noise_strength = nn.Parameter(torch.zeros(cout))  # per channel, learned from 0
+        # learned from 0; one element, not 0-d, because FSDP2 shards every parameter along dim 0
+        self.noise_strength = nn.Parameter(torch.zeros(1))
         self.register_buffer("noise_const", torch.randn(resolution, resolution))  # the "const" noise
         self.weight_gain, self.up, self.resolution = 1 / math.sqrt(cin * 9), up, resolution
 
@@ -142,7 +144,7 @@ class SynthesisLayer(nn.Module):
         # conv's output is a fresh tensor no backward needs, so noise, bias and activation update it in place
         x = modulated_conv2d(x, self.weight * self.weight_gain, self.affine(w), grouped=not self.training, gain=ACT_GAIN,
                              up=self.up)
-        strength = (self.noise_strength * ACT_GAIN)[:, None, None]
+        strength = self.noise_strength * ACT_GAIN
         if isinstance(noise, Tensor):
             x = x.addcmul_(noise, strength)
         elif noise == "random":
