@@ -284,8 +284,16 @@ def test_short_run_on_digits_learns(digits, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     scores = json.loads(m.read_text())
     print(json.dumps(scores, indent=1, sort_keys=True))
-    assert scores["fid"] < scores["fid_untrained"] / 3, scores  # seen: 14.1 and 16.4 vs 67.0
-    assert scores["kid"] < scores["kid_untrained"] / 8, scores  # seen: 0.13 and 0.18 vs 2.26
+    # Measured 2026-12-07 at 2d51fe8 (G and D resampling bilinear / 2x2 average, before the FIR filter),
+    # each in an empty KILN_CACHE (judge trained afresh; run and judge seeded, so one machine repeats
+    # them exactly): AVX-512 (twice, identical) FID 17.2 vs 51.9 (3.02x),
+    # KID 0.165 vs 1.28 (7.7x). Another CPU's kernels round otherwise; emulated here with
+    # ATEN_CPU_CAPABILITY / DNNL_MAX_CPU_ISA / MKL_CBWR: AVX2 16.5 vs 74.0 (4.5x), 0.169 vs 2.79
+    # (16.5x); SSE4.1 15.9 vs 59.0 (3.7x), 0.149 vs 1.60 (10.7x); MKL compatible 16.8 vs 57.0 (3.4x),
+    # 0.173 vs 1.60 (9.3x). The trained scores hold steady; the untrained ones carry the spread.
+    # Bars about a fifth under the lowest ratios seen (3.0x and 7.7x).
+    assert scores["fid"] < scores["fid_untrained"] / 2.5, scores
+    assert scores["kid"] < scores["kid_untrained"] / 6, scores
 
 
 def test_fir_resampling_keeps_constants_and_matches_values_by_hand():
