@@ -89,14 +89,36 @@ def test_projection_discriminator_uses_the_class():
 
 def test_orthogonal_regularisation_on_known_matrices():
     w = torch.tensor([[1.0, 0.0], [1.0, 1.0]])  # W W^T = [[1, 1], [1, 2]]: off-diagonal squares sum to 2
-    assert orthogonal_regularisation([w], 1e-4).item() == pytest.approx(2e-4)
+    assert orthogonal_regularisation([w], 1e-4).item() == pytest.approx(1e-4)  # beta / 2 * 2
     conv = w.view(2, 1, 1, 2)  # filters x fan-in, whatever the kernel layout
-    assert orthogonal_regularisation([conv, 3 * torch.eye(3)], 0.5).item() == pytest.approx(1.0)
+    assert orthogonal_regularisation([conv, 3 * torch.eye(3)], 0.5).item() == pytest.approx(0.5)
     # the norms of the filters are free: only their overlaps are penalised
     assert orthogonal_regularisation([torch.diag(torch.tensor([5.0, 0.1]))], 1.0).item() == 0.0
     module = _module()
     weights = [p for n, p in module.generator.named_parameters() if p.ndim >= 2 and not n.startswith("shared.")]
     assert module.generator_regulariser({}).item() == pytest.approx(orthogonal_regularisation(weights, 1e-4).item())
+
+
+def _reference_ortho_gradient(w: torch.Tensor, strength: float) -> torch.Tensor:
+    """What BigGAN-PyTorch's `utils.ortho` adds to a weight's gradient: strength * 2 (W W^T (.) (1 - I)) W."""
+    flat = w.detach().flatten(1)
+    off_diagonal = 1 - torch.eye(len(flat), dtype=flat.dtype)
+    return (strength * 2 * ((flat @ flat.t()) * off_diagonal) @ flat).view_as(w)
+
+
+def test_orthogonal_regularisation_gradient_is_the_reference_implementations():
+    torch.manual_seed(0)
+    w = torch.randn(6, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    orthogonal_regularisation([w], 1e-4).backward()
+    assert torch.allclose(w.grad, _reference_ortho_gradient(w, 1e-4), rtol=1e-10)
+    # through the module: G's raw (pre-spectral-norm) weights, as the reference regularises them;
+    # the shared embedding exempt
+    module = _module().double()
+    module.generator_regulariser({}).backward()
+    raw = dict(module.generator.named_parameters())
+    name = "blocks.0.conv1.parametrizations.weight.original"
+    assert torch.allclose(raw[name].grad, _reference_ortho_gradient(raw[name], module.hparams.orth_reg), rtol=1e-10)
+    assert raw["shared.weight"].grad is None
 
 
 def test_truncation_bounds_and_seeds():

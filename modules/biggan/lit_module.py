@@ -29,7 +29,8 @@ class BigGANModule(AdversarialModule):
         ch_g, g_channel_mult, g_attention, dim_z, shared_dim: the generator (`Generator`); its
             first feature map is image_size / 2 ** (len(g_channel_mult) - 1) wide.
         ch_d, d_channel_mult, d_downsample, d_attention: the discriminator (`Discriminator`).
-        orth_reg: beta of orthogonal regularisation on G (the paper: 1e-4; 0 turns it off).
+        orth_reg: beta of orthogonal regularisation on G (the paper: 1e-4; 0 turns it off), at the
+            paper's code's strength (`orthogonal_regularisation`: half the paper's formula's).
         cross_replica_bn: G's BatchNorm statistics over all ranks when there are several.
         truncation: the sampling threshold for grids, evaluation and `kiln sample` (None: no truncation).
         grid_classes, grid_per_class: the sample grid: one row per class, fixed noise.

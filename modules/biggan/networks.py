@@ -220,9 +220,15 @@ class Discriminator(nn.Module):
 
 
 def orthogonal_regularisation(parameters, beta: float) -> Tensor:
-    """BigGAN's orthogonal regularisation (section 3.1): beta * ||W^T W (.) (1 - I)||_F^2 summed
-    over weights W (each viewed as filters x fan-in): it pushes filters towards orthogonality
-    without constraining their norms, unlike Brock et al. 2017's ||W^T W - I||^2."""
+    """BigGAN's orthogonal regularisation (section 3.1) at the strength of the paper's code:
+    beta / 2 * ||W W^T (.) (1 - I)||_F^2 summed over weights W (each viewed as filters x fan-in).
+    It pushes filters towards orthogonality without constraining their norms, unlike Brock et al.
+    2017's ||W W^T - I||^2.
+
+    The factor 1/2: BigGAN-PyTorch (`utils.ortho`) adds beta * 2 (W W^T (.) (1 - I)) W straight to
+    W's gradient, and since d/dW ||W W^T (.) (1 - I)||_F^2 = 4 (W W^T (.) (1 - I)) W, that is the
+    gradient of this penalty. The paper's R_beta(W) = beta ||W^T W (.) (1 - I)||_F^2 (its W^T W is
+    the code's W W^T, filters as rows) would pull twice as hard at the same beta (the paper's 1e-4)."""
     total = None
     for w in parameters:
         w = w.flatten(1)
@@ -231,7 +237,7 @@ def orthogonal_regularisation(parameters, beta: float) -> Tensor:
         total = term if total is None else total + term
     if total is None:
         raise ValueError("orthogonal regularisation needs at least one weight matrix")
-    return beta * total
+    return beta / 2 * total
 
 
 def truncated_normal(shape: tuple[int, ...], threshold: float | None, generator: torch.Generator) -> Tensor:
