@@ -165,3 +165,19 @@ def test_short_run_on_digits_draws_the_named_digit(digits, tmp_path):
     r = kiln("sample", "--ckpt", ckpt, "--class", "4", "--out", str(tmp_path / "samples"))
     assert r.returncode != 0 and "does not take --class (it takes: --prompt, --input, --guidance-scale, --steps, " \
                                  "--sampler)" in r.stderr, r.stderr
+
+
+def test_text_encoder_is_causal_and_pools_the_end_token():
+    """As README says kiln's text transformer differs from the released GLIDE's (bidirectional,
+    pooled at the last of its 128 positions, padding attended everywhere): attention is causal,
+    the pooled vector is the end token's output, and the mask marks padding for the U-Net."""
+    from kiln.modules.clip.tokenizer import EOT
+
+    module = _trained_a_little(GLIDEModule(**TINY))
+    tokens = module.tokenize(["a handwritten digit 3", "a handwritten digit 7"])
+    out, pooled, mask = module.model.text(tokens)
+    first = (tokens[0] != tokens[1]).nonzero()[0].item()  # the captions' first (and only) differing byte
+    assert torch.allclose(out[0, :first], out[1, :first], atol=1e-6) and not torch.allclose(out[0, first], out[1, first])
+    end = (tokens == EOT).nonzero()
+    assert end[:, 0].tolist() == [0, 1] and torch.equal(pooled, out[end[:, 0], end[:, 1]])
+    assert torch.equal(mask, tokens != PAD)
