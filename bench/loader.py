@@ -291,19 +291,22 @@ def table(results: dict, ratios: dict) -> str:
     return "\n".join(lines)
 
 
-def versions(peers: str | None = None) -> str:
+def versions(peers: str | None = None, s3: bool = True) -> str:
+    """The packages the runs used: s3fs and moto only where there were S3 runs (`--no-s3` needs neither)."""
     import fsspec
-    import moto
     import numpy
     import PIL
-    import s3fs
     import torch
     import webdataset
 
-    return (f"Python {platform.python_version()}, torch {torch.__version__}, webdataset {webdataset.__version__}, "
-            f"Pillow {PIL.__version__}, numpy {numpy.__version__}, fsspec {fsspec.__version__}, "
-            f"s3fs {s3fs.__version__}, moto {moto.__version__}"
-            + (f"; the peers, under bench/.venv-streaming: {peers}" if peers else ""))
+    text = (f"Python {platform.python_version()}, torch {torch.__version__}, webdataset {webdataset.__version__}, "
+            f"Pillow {PIL.__version__}, numpy {numpy.__version__}, fsspec {fsspec.__version__}")
+    if s3:
+        import moto
+        import s3fs
+
+        text += f", s3fs {s3fs.__version__}, moto {moto.__version__}"
+    return text + (f"; the peers, under bench/.venv-streaming: {peers}" if peers else "")
 
 
 def versus_best(results: dict, name: str, peers: list[str]) -> dict | None:
@@ -360,6 +363,11 @@ def main() -> None:
                 shutil.rmtree(folder, ignore_errors=True)
         return
 
+    workers = [int(w) for w in args.workers.split(",")]
+    shards = -(-args.samples // SHARD_SIZE)
+    if not args.profile and shards < max(workers):  # a worker without a shard has nothing to read
+        parser.error(f"--samples {args.samples} makes {shards} shard(s) of {SHARD_SIZE}: fewer than the "
+                     f"{max(workers)} workers; give at least --samples {max(workers) * SHARD_SIZE}")
     root, paths = build(args.samples, args.size)
     if args.profile:
         from loader_profile import profile
@@ -370,7 +378,6 @@ def main() -> None:
     if not args.no_peers:
         python = peer_python()
         formats = converted(paths, args.samples, args.size, python, run_child)
-    workers = [int(w) for w in args.workers.split(",")]
     base = {"batch_size": args.batch_size, "samples": len(paths) * SHARD_SIZE, "size": args.size}
     specs, ratios = [], {}
     peers_local, peers_s3 = [], []
@@ -461,7 +468,8 @@ def main() -> None:
                                                                      n.startswith("bare")])}
     md = table(results, ratios)
     meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpus": os.cpu_count(),
-            "machine": platform.platform(), "versions": versions(peer_versions(python) if python else None),
+            "machine": platform.platform(), "versions": versions(peer_versions(python) if python else None,
+                                                                   s3=server is not None),
             "command": shlex.join(["python3", os.path.relpath(os.path.abspath(__file__), REPO), *sys.argv[1:]]),
             "samples": base["samples"], "size": args.size, "batch_size": args.batch_size, "repeats": args.repeats,
             "load_before": load_before, "load_after": load_after,
