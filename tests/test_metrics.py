@@ -182,3 +182,20 @@ def test_clip_score_needs_a_clip_model():
                       text={"context_length": 16, "width": 16, "layers": 1, "heads": 2}).eval()
     score = clip_score(clip, torch.rand(4, 3, 32, 32) * 2 - 1, ["red", "blue", "a cat", "a dog"])
     assert 0.0 <= score <= 100.0
+
+
+def test_prompt_ranking_counts_the_images_whose_own_prompt_ranks_first():
+    from kiln.modules.clip.lit_module import CLIPModule
+    from kiln.modules.eval.metrics import prompt_ranking
+
+    torch.manual_seed(0)
+    clip = CLIPModule(embed_dim=16, vision={"image_size": 16, "patch_size": 4, "width": 16, "layers": 1, "heads": 2},
+                      text={"context_length": 16, "width": 16, "layers": 1, "heads": 2}).eval()
+    images, prompts = torch.rand(8, 3, 32, 32) * 2 - 1, ["red heart", "pizza", "rocket"]
+    with torch.no_grad():
+        image = clip.model.encode_image(torch.nn.functional.interpolate(images, size=16, mode="bilinear", antialias=True))
+        best = (image @ clip.model.encode_text(clip.tokenize(prompts)).T).argmax(1).tolist()
+    assert prompt_ranking(clip, images, best, prompts) == 1.0
+    wrong = [(b + 1) % 3 for b in best]
+    assert prompt_ranking(clip, images, wrong, prompts) == 0.0
+    assert prompt_ranking(clip, images, best[:4] + wrong[4:], prompts) == 0.5

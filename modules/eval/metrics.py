@@ -137,14 +137,27 @@ def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 0) -> tu
     return scores.mean().item(), scores.std(unbiased=False).item() if splits > 1 else 0.0
 
 
+def _clip_size(clip_module, images: torch.Tensor) -> torch.Tensor:
+    size = clip_module.hparams.vision["image_size"]
+    if images.shape[-1] != size:
+        images = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
+                                                 align_corners=False, antialias=True)
+    return images.float()
+
+
+@torch.no_grad()
+def prompt_ranking(clip_module, images: torch.Tensor, targets: list[int], prompts: list[str]) -> float:
+    """The share of images whose most similar prompt, among `prompts`, is the one they were drawn
+    for (`prompts[targets[i]]`), by a kiln CLIP model: chance is 1 / len(prompts)."""
+    image = clip_module.model.encode_image(_clip_size(clip_module, images))
+    text = clip_module.model.encode_text(clip_module.tokenize(prompts))
+    return ((image @ text.T).argmax(1) == torch.tensor(targets)).double().mean().item()
+
+
 def clip_score(clip_module, images: torch.Tensor, captions: list[str]) -> float:
     """CLIP score (Hessel et al. 2021): 100 x max(cos(image, caption), 0), averaged, with a kiln
     CLIP model (`CLIPModule`) that was trained on the same kind of images."""
     if clip_module is None:
         raise ValueError("clip_score needs a CLIP model: give a kiln CLIP checkpoint (--clip-ckpt PATH)")
-    size = clip_module.hparams.vision["image_size"]
-    if images.shape[-1] != size:
-        images = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
-                                                 align_corners=False, antialias=True)
-    image, text = clip_module.embed(images.float(), captions)
+    image, text = clip_module.embed(_clip_size(clip_module, images), captions)
     return (100 * torch.nn.functional.cosine_similarity(image, text).clamp_min(0)).mean().item()
