@@ -31,7 +31,6 @@ from typing import Literal
 import fsspec
 import lightning as L
 from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -41,6 +40,7 @@ from kiln.datamodules.webdataset import DataMetrics
 from kiln.trainers.checkpoint import CheckpointError, check_family
 from kiln.launch.env import in_slurm_job, under_torchrun
 from kiln.trainers.preemption import Preemption
+from kiln.trainers.progress import progress_bar
 from kiln.trainers.rng import RandomState
 from kiln.trainers.samples import SampleGrid
 from kiln.trainers.strategies import ParameterSharding, for_module
@@ -142,7 +142,7 @@ class KilnCLI(LightningCLI):
             SampleGrid(run_dir, cfg.samples.every_n_train_steps),
         ]
         if trainer_cfg.get("enable_progress_bar", True) is not False:
-            callbacks.append(RichProgressBar())
+            callbacks.append(progress_bar())
         plugins = trainer_cfg.get("plugins") or []
         plugins = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
         if in_slurm_job() and not under_torchrun():  # srun tasks; kiln's Preemption callback requeues
