@@ -40,7 +40,7 @@ from kiln.datamodules.webdataset import DataMetrics
 from kiln.trainers.checkpoint import CheckpointError, check_family
 from kiln.launch.env import in_slurm_job, under_torchrun
 from kiln.trainers.preemption import Preemption
-from kiln.trainers.progress import progress_bar
+from kiln.trainers.progress import ModelSummary, progress_bar, quiet
 from kiln.trainers.rng import RandomState
 from kiln.trainers.samples import SampleGrid
 from kiln.trainers.strategies import ParameterSharding, for_module
@@ -119,11 +119,14 @@ class KilnCLI(LightningCLI):
         if cfg.wandb.mode != "disabled":
             save_dir = run_dir if not is_url(run_dir) else os.path.join(".cache", "wandb")
             os.makedirs(save_dir, exist_ok=True)
-            loggers.append(WandbLogger(
+            wandb = WandbLogger(
                 save_dir=save_dir, project=cfg.wandb.project, entity=cfg.wandb.entity,
                 name=cfg.wandb.name or os.path.basename(run_dir.rstrip("/")), tags=cfg.wandb.tags,
                 offline=cfg.wandb.mode == "offline", id=wandb_run_id(run_dir), resume="allow",
-            ))
+            )
+            # Lightning always hands wandb.init `anonymous`, a setting W&B now only warns about.
+            wandb._wandb_init.pop("anonymous", None)
+            loggers.append(wandb)
         user_logger = trainer_cfg.get("logger")
         if isinstance(user_logger, Logger):
             loggers.append(user_logger)
@@ -143,6 +146,12 @@ class KilnCLI(LightningCLI):
         ]
         if trainer_cfg.get("enable_progress_bar", True) is not False:
             callbacks.append(progress_bar())
+        extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        if trainer_cfg.get("enable_model_summary", True) is not False and not _has_summary(
+                [trainer_cfg.get("callbacks"), *extra]):
+            callbacks.append(ModelSummary())
+            # Ours stands in for Lightning's default, which would otherwise announce that it stepped aside.
+            trainer_cfg["enable_model_summary"] = False
         plugins = trainer_cfg.get("plugins") or []
         plugins = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
         if in_slurm_job() and not under_torchrun():  # srun tasks; kiln's Preemption callback requeues
@@ -152,7 +161,6 @@ class KilnCLI(LightningCLI):
         trainer_cfg["strategy"] = for_module(trainer_cfg.get("strategy", "auto"), self.model,
                                              trainer_cfg.get("accelerator", "auto"), trainer_cfg.get("devices", "auto"),
                                              trainer_cfg.get("num_nodes", 1))
-        extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         return self._instantiate_trainer(trainer_cfg, [*extra, *callbacks])
 
     def _parse_ckpt_path(self) -> None:
@@ -173,6 +181,14 @@ class KilnCLI(LightningCLI):
         family = getattr(self.model, "family", None)
         if ckpt_path and ckpt_path not in ("last", "best", "hpc") and family:
             check_family(ckpt_path, family)
+
+
+def _has_summary(entries: list) -> bool:
+    """A model summary among the user's callbacks (each entry: one callback, a list or None)."""
+    from lightning.pytorch.callbacks import ModelSummary as LightningSummary
+
+    flat = [c for entry in entries for c in (entry if isinstance(entry, list) else [entry])]
+    return any(isinstance(c, LightningSummary) for c in flat)
 
 
 def _check_hardware(trainer) -> None:
@@ -223,6 +239,7 @@ def _config_error(text: str) -> str:
 
 def _fit(args: list[str]) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
+    quiet()
     # From the console LightningCLI reads sys.argv itself (and warns if handed a copy).
     KilnCLI(None if args == sys.argv[1:] else args)
 

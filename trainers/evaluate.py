@@ -13,6 +13,7 @@ import torch
 
 from kiln.trainers.args import CommandParser
 from kiln.trainers.checkpoint import CheckpointError, build_from_checkpoint, family_of, load_checkpoint
+from kiln.trainers.progress import track
 
 
 @torch.no_grad()
@@ -88,7 +89,7 @@ def evaluate_generative(models: list, data: L.LightningDataModule, metrics: list
         return class_spread(torch.cat([f for f, _ in parts]), torch.cat([lg for _, lg in parts]).argmax(1))
 
     results = []
-    for model in models:
+    for index, model in enumerate(models):
         if "l1" in metrics and not upsamples(model):
             raise ValueError(f"l1 is for upsamplers: this '{getattr(model, 'family', '?')}' model does not upsample")
         model.eval()
@@ -96,7 +97,8 @@ def evaluate_generative(models: list, data: L.LightningDataModule, metrics: list
         # An upsampler without its base has nothing to generate from: it is judged on real inputs.
         cascade = not upsamples(model) or bool(model.hparams.get("base_ckpt"))
         generated = cascade and set(metrics) & {"fid", "kid", "precision_recall", "judge", "is"}
-        for i in range(0, num_samples if generated else 0, batch_size):
+        for i in track(range(0, num_samples if generated else 0, batch_size),
+                       f"kiln eval: generating (model {index + 1} of {len(models)})"):
             out = model.generate_for_eval(list(range(i, min(i + batch_size, num_samples))), seed)
             for stage, (images, y) in stages(out).items():
                 judged = judge_net.features_and_logits(images) if judge_net is not None else None
@@ -141,7 +143,7 @@ def super_resolution_scores(model, real_images: torch.Tensor, captions: list[str
 
     l1 = torch.zeros(2, dtype=torch.float64)
     scores = {"": FidKid(net), "_baseline": FidKid(net)}
-    for i in range(0, len(real_images), batch_size):
+    for i in track(range(0, len(real_images), batch_size), "kiln eval: upsampling the held-out images"):
         real, out, bicubic = model.super_resolution(real_images[i:i + batch_size], captions[i:i + batch_size], seed + i)
         l1 += torch.tensor([(out - real).abs().mean(dim=(1, 2, 3)).sum().item(),
                             (bicubic - real).abs().mean(dim=(1, 2, 3)).sum().item()], dtype=torch.float64)

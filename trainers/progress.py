@@ -1,16 +1,88 @@
-"""What `kiln fit` shows while it trains. On a terminal, Lightning's rich bar counting optimizer
-steps of `max_steps` (its own counts batches of the epoch, and reads "Epoch 0/-2" when the run is
-bounded by steps) with the time `max_time` leaves; elsewhere (a SLURM log, a pipe), where a live
-bar prints nothing until the end, one plain line every `every_s` seconds.
+"""What kiln prints while it works, and what it keeps off the console.
+
+`kiln fit`: on a terminal, Lightning's rich bar counting optimizer steps of `max_steps` (its own
+counts batches of the epoch, and reads "Epoch 0/-2" when the run is bounded by steps) with the
+time `max_time` leaves; elsewhere (a SLURM log, a pipe), where a live bar prints nothing until the
+end, one plain line every `every_s` seconds. `kiln eval` and `kiln sample`: progress on stderr
+(stdout holds their result) over generation batches, or the time one long call has taken.
+`quiet()`: the one-off Lightning and W&B messages that ask nothing a kiln user can or need do.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
 import time
+import warnings
+from collections.abc import Iterable, Iterator
 from datetime import timedelta
 
 import lightning as L
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, Timer
+from lightning.pytorch.callbacks import ProgressBar, RichModelSummary, RichProgressBar, Timer
+from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
 from rich import get_console
+from rich.console import Console
+from rich.table import Table
+
+# Lightning warnings a kiln user can do nothing about (regular expressions, matched at the start).
+NOT_ACTIONABLE = (
+    # Outside a job srun is merely installed; `kiln slurm` writes the srun line for jobs.
+    r"The `srun` command is available on your system but is not used",
+    # Families judged by a callback (the GANs, diffusion) have held-out data and no validation_step.
+    r"You passed in a `val_dataloader` but have no `validation_step`",
+    r"You defined a `validation_step` but have no `val_dataloader`",
+    # Lightning's own call of a torch API that torch has deprecated.
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
+class _NoTips(logging.Filter):
+    """Lightning's advertisements for its cloud products ("💡 Tip: ... try installing litlogger")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip:")
+
+
+_NO_TIPS = _NoTips()
+
+
+def quiet() -> None:
+    """Before the Trainer exists; in every process that runs `kiln fit` (DDP's children too)."""
+    for message in NOT_ACTIONABLE:
+        warnings.filterwarnings("ignore", message=message)
+    # Lightning logs through whichever of the two its last import named.
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_NO_TIPS)
+
+
+class ModelSummary(RichModelSummary):
+    """Lightning's rich summary without its FLOPs column and "Total FLOPs: 0": it counts FLOPs
+    only for a module with an `example_input_array`, which no kiln family has."""
+
+    @staticmethod
+    def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
+                  total_flops, **summarize_kwargs) -> None:
+        if total_flops:
+            return RichModelSummary.summarize(summary_data, total_parameters, trainable_parameters, model_size,
+                                              total_training_modes, total_flops, **summarize_kwargs)
+        columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        for name, _ in columns:
+            table.add_column(name, style="dim" if name == " " else None,
+                             justify="left" if name in (" ", "Name", "Type", "Mode") else "right")
+        for row in zip(*(values for _, values in columns)):
+            table.add_row(*row)
+        grid = Table.grid(expand=True)
+        for label, value in (("Trainable params", get_human_readable_count(int(trainable_parameters))),
+                             ("Non-trainable params", get_human_readable_count(int(total_parameters - trainable_parameters))),
+                             ("Total params", get_human_readable_count(int(total_parameters))),
+                             ("Total estimated model params size (MB)", get_formatted_model_size(model_size)),
+                             ("Modules in train mode", total_training_modes["train"]),
+                             ("Modules in eval mode", total_training_modes["eval"])):
+            grid.add_row(f"[bold]{label}[/]: {value}")
+        console = get_console()
+        console.print(table)
+        console.print(grid)
 
 
 def progress_bar(every_s: float = 30.0) -> ProgressBar:
@@ -129,3 +201,50 @@ class ProgressLines(ProgressBar):
         if left:
             parts.append(f"{_clock(min(left))} left")
         print(" · ".join(parts), flush=True)
+
+
+def _stderr() -> Console:
+    return Console(stderr=True)
+
+
+def track(items: Iterable, description: str, total: int | None = None, every_s: float = 10.0) -> Iterator:
+    """`items` as they are, with progress on stderr: rich's bar on a terminal, else a line at the
+    start, every `every_s` seconds and at the end; nothing for no items."""
+    console = _stderr()
+    total = total if total is not None else len(items) if hasattr(items, "__len__") else None
+    if total == 0:  # nothing to wait for
+        yield from items
+        return
+    if console.is_interactive:
+        from rich.progress import track as rich_track
+
+        yield from rich_track(items, description=description, total=total, console=console, transient=True)
+        return
+    start = last = time.monotonic()
+    print(f"{description}: 0/{total or '?'}", file=sys.stderr, flush=True)
+    done = 0
+    for item in items:
+        yield item  # the caller's work on it runs until the next item is asked for
+        done += 1
+        now = time.monotonic()
+        if now - last >= every_s or done == total:
+            print(f"{description}: {done}/{total or '?'} · {_clock(now - start)} elapsed", file=sys.stderr, flush=True)
+            last = now
+
+
+@contextlib.contextmanager
+def working(description: str) -> Iterator[None]:
+    """One long call that reports no progress of its own: a spinner with the time taken on a
+    terminal, else a line when it starts and one when it is done, on stderr."""
+    console, start = _stderr(), time.monotonic()
+    if console.is_interactive:
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                      transient=True) as bar:
+            bar.add_task(description, total=None)
+            yield
+        return
+    print(f"{description} ...", file=sys.stderr, flush=True)
+    yield
+    print(f"{description}: done in {_clock(time.monotonic() - start)}", file=sys.stderr, flush=True)

@@ -32,6 +32,7 @@ from PIL import Image
 
 from kiln.trainers.args import CommandParser
 from kiln.trainers.checkpoint import CheckpointError, build_from_checkpoint, family_of, load_checkpoint
+from kiln.trainers.progress import working
 from kiln.trainers.samples import grid_image
 
 # option on the command line -> keyword of the family's `generate`
@@ -149,7 +150,7 @@ def main(argv: list[str]) -> None:
         given["label_maps"] = torch.stack([_read_label_map(u) for u in given["label_maps"]])
     model.sample_with_ema = not args.no_ema
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), working(f"kiln sample: generating {len(names)} image{'s' if len(names) != 1 else ''}"):
         images = model.generate(num=args.num, seed=args.seed, **given)
     stages = images if isinstance(images, dict) else {"": images}
     for stage, batch in stages.items():
