@@ -46,6 +46,9 @@ class StyleGAN2Module(AdversarialModule):
         channel_base, channel_max: G's widths, min(channel_base / resolution, channel_max);
             d_channel_base, d_channel_max: D's (default: G's).
         mbstd_group: minibatch-stddev group size.
+        resample_filter: G's and D's 2x resampling filter, the paper's [1, 3, 3, 1] (binomial), or
+            [1, 1] (G: nearest neighbour, D: 2x2 average), for images so small that the 4-tap
+            filter's zero-padded border is most of them (see tests/test_stylegan.py's short run).
         r1_gamma, d_reg_interval: R1 and its lazy interval (the paper: 10 at 1024 px, 16).
         pl_weight, g_reg_interval, pl_batch_shrink, pl_decay: path-length regularisation (2, 4, 2, 0.01).
         style_mixing: probability of mixing two ws in a training batch (0.9).
@@ -74,6 +77,7 @@ class StyleGAN2Module(AdversarialModule):
         d_channel_base: int | None = None,
         d_channel_max: int | None = None,
         mbstd_group: int = 4,
+        resample_filter: tuple[float, ...] = (1.0, 3.0, 3.0, 1.0),
         r1_gamma: float = 10.0,
         d_reg_interval: int | None = 16,
         pl_weight: float = 2.0,
@@ -111,11 +115,13 @@ class StyleGAN2Module(AdversarialModule):
             raise ValueError(f"unknown augmentation {augment!r}; choose from {', '.join(PRESETS)} (or null for none)")
         if project_distance not in ("mse", "vgg"):
             raise ValueError(f"unknown projection distance {project_distance!r}; choose 'mse' or 'vgg'")
+        if len(resample_filter) < 2 or sum(resample_filter) <= 0:
+            raise ValueError(f"resample_filter needs at least 2 taps with a positive sum, got {list(resample_filter)}")
         self.save_hyperparameters()
         generator = Generator(image_size, channels, z_dim, w_dim, mapping_layers, mapping_lr_mul, channel_base,
-                              channel_max, w_avg_beta)
+                              channel_max, w_avg_beta, resample_filter)
         discriminator = Discriminator(image_size, channels, d_channel_base or channel_base, d_channel_max or channel_max,
-                                      mbstd_group)
+                                      mbstd_group, resample_filter)
         self.model = GANPair(generator, discriminator)
         if augment is not None:
             self.augment = AdaptiveAugment(augment, augment_p, ada_target, ada_kimg, ada_interval)

@@ -25,6 +25,7 @@ Channels follow the paper's code: min(channel_base / resolution, channel_max).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,11 +65,13 @@ class EqualLinear(nn.Module):
 class EqualConv2d(nn.Module):
     """A convolution with equalised learning rate; `down` halves the resolution, the FIR filter first."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, bias: bool = True, activate: bool = True, down: bool = False):
+    def __init__(self, cin: int, cout: int, kernel: int, bias: bool = True, activate: bool = True, down: bool = False,
+                 taps: Sequence[float] = BINOMIAL):
         super().__init__()
         self.weight = _init_normal((cout, cin, kernel, kernel), 1.0)
         self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
         self.weight_gain, self.activate, self.down = 1 / math.sqrt(cin * kernel * kernel), activate, down
+        self.taps = tuple(taps)
 
     def forward(self, x: Tensor) -> Tensor:
         gain = ACT_GAIN if self.activate else 1.0
@@ -77,13 +80,13 @@ class EqualConv2d(nn.Module):
         if not self.down:
             x = F.conv2d(x, weight, bias, padding=k // 2)
         elif k == 1:  # a 1x1 conv commutes with the filter: filter only the samples it keeps
-            x = F.conv2d(upfirdn2d(x, BINOMIAL, down=2, padding=(len(BINOMIAL) - 2) // 2), weight, bias)
+            x = F.conv2d(upfirdn2d(x, self.taps, down=2, padding=(len(self.taps) - 2) // 2), weight, bias)
         else:  # the conv's own padding and the filter's, applied once before both
-            x = F.conv2d(upfirdn2d(x, BINOMIAL, padding=k // 2 + (len(BINOMIAL) - 2) // 2), weight, bias, stride=2)
+            x = F.conv2d(upfirdn2d(x, self.taps, padding=k // 2 + (len(self.taps) - 2) // 2), weight, bias, stride=2)
         return F.leaky_relu(x, 0.2, inplace=True) if self.activate else x
 
 
-def _conv(x: Tensor, weight: Tensor, groups: int, up: bool) -> Tensor:
+def _conv(x: Tensor, weight: Tensor, groups: int, up: bool, taps: Sequence[float] = BINOMIAL) -> Tensor:
     """A same-size conv, or (up) the paper's code's 2x up-sampling conv: the weights scattered at
     stride 2 by a transposed conv, then the FIR filter with gain 4 and the padding that leaves
     exactly 2H x 2W."""
@@ -93,15 +96,15 @@ def _conv(x: Tensor, weight: Tensor, groups: int, up: bool) -> Tensor:
     o, i = weight.shape[:2]
     weight = weight.reshape(groups, o // groups, i, k, k).transpose(1, 2).reshape(groups * i, o // groups, k, k)
     x = F.conv_transpose2d(x, weight, stride=2, groups=groups)  # (2H + k - 2) x (2W + k - 2)
-    pad = k // 2 + (len(BINOMIAL) + 1) // 2 - (k - 1)
-    return upfirdn2d(x, BINOMIAL, padding=pad, gain=4.0)
+    pad = k // 2 + (len(taps) + 1) // 2 - (k - 1)
+    return upfirdn2d(x, taps, padding=pad, gain=4.0)
 
 
 def modulated_conv2d(x: Tensor, weight: Tensor, styles: Tensor, demodulate: bool = True, grouped: bool = True,
-                     gain: float = 1.0, up: bool = False) -> Tensor:
+                     gain: float = 1.0, up: bool = False, taps: Sequence[float] = BINOMIAL) -> Tensor:
     """Section 2.2: w'_ijk = s_i w_ijk, then (demodulate) w''_ijk = w'_ijk / sqrt(sum_ik w'_ijk^2 + eps);
     the output times `gain`. x (N, I, H, W), weight (O, I, k, k), styles (N, I); `up`: the output
-    is 2H x 2W (see `_conv`).
+    is 2H x 2W (see `_conv`), resampled with the filter `taps`.
 
     grouped: one grouped convolution with a group per sample and its own modulated weights (the
     paper's implementation). Otherwise the same function as a plain batched convolution of the
@@ -111,23 +114,25 @@ def modulated_conv2d(x: Tensor, weight: Tensor, styles: Tensor, demodulate: bool
     cout, _, kh, kw = weight.shape
     if not grouped:
         if not demodulate:
-            return _conv(x * (styles * gain)[:, :, None, None], weight, 1, up)
-        out = _conv(x * styles[:, :, None, None], weight, 1, up)
+            return _conv(x * (styles * gain)[:, :, None, None], weight, 1, up, taps)
+        out = _conv(x * styles[:, :, None, None], weight, 1, up, taps)
         # sum_ik (s_i w_oik)^2 = sum_i s_i^2 sum_k w_oik^2: no (N, O, I, k, k) tensor
         d = torch.rsqrt(styles.square() @ weight.square().sum(dim=(2, 3)).t() + 1e-8) * gain
         return out * d[:, :, None, None]
     weight = weight[None] * (styles * gain)[:, None, :, None, None]  # (N, O, I, k, k)
     if demodulate:
         weight = weight * (torch.rsqrt(weight.square().sum(dim=(2, 3, 4), keepdim=True) + 1e-8) * gain)
-    out = _conv(x.reshape(1, n * cin, h, w), weight.reshape(n * cout, cin, kh, kw), n, up)
+    out = _conv(x.reshape(1, n * cin, h, w), weight.reshape(n * cout, cin, kh, kw), n, up, taps)
     return out.view(n, cout, *out.shape[2:])
 
 
 class SynthesisLayer(nn.Module):
     """Modulated 3x3 conv (optionally up-sampling 2x), noise, bias, leaky ReLU."""
 
-    def __init__(self, cin: int, cout: int, w_dim: int, resolution: int, up: bool = False):
+    def __init__(self, cin: int, cout: int, w_dim: int, resolution: int, up: bool = False,
+                 taps: Sequence[float] = BINOMIAL):
         super().__init__()
+        self.taps = tuple(taps)
         self.affine = EqualLinear(w_dim, cin, bias_init=1.0)  # styles start at 1: plain convs at init
         self.weight = _init_normal((cout, cin, 3, 3), 1.0)
         self.bias = nn.Parameter(torch.zeros(cout))
@@ -143,7 +148,7 @@ class SynthesisLayer(nn.Module):
         # lrelu(a) * g = lrelu(a * g): the activation gain scales the conv, noise and bias; the
         # conv's output is a fresh tensor no backward needs, so noise, bias and activation update it in place
         x = modulated_conv2d(x, self.weight * self.weight_gain, self.affine(w), grouped=not self.training, gain=ACT_GAIN,
-                             up=self.up)
+                             up=self.up, taps=self.taps)
         strength = self.noise_strength * ACT_GAIN
         if isinstance(noise, Tensor):
             x = x.addcmul_(noise, strength)
@@ -173,14 +178,15 @@ class SynthesisBlock(nn.Module):
     """One resolution: (the constant at 4x4 | up-sampling conv), conv, toRGB added to the up-sampled image.
     Uses 2 ws at 4x4 (conv, toRGB) and 3 above (conv0, conv1, toRGB)."""
 
-    def __init__(self, cin: int, cout: int, w_dim: int, resolution: int, channels: int):
+    def __init__(self, cin: int, cout: int, w_dim: int, resolution: int, channels: int,
+                 taps: Sequence[float] = BINOMIAL):
         super().__init__()
-        self.resolution = resolution
+        self.resolution, self.taps = resolution, tuple(taps)
         if resolution == 4:
             self.const = nn.Parameter(torch.randn(cout, 4, 4))
             self.conv0 = None
         else:
-            self.conv0 = SynthesisLayer(cin, cout, w_dim, resolution, up=True)
+            self.conv0 = SynthesisLayer(cin, cout, w_dim, resolution, up=True, taps=taps)
         self.conv1 = SynthesisLayer(cout, cout, w_dim, resolution)
         self.torgb = ToRGB(cout, channels, w_dim)
         self.num_ws = 2 if self.conv0 is None else 3
@@ -197,7 +203,7 @@ class SynthesisBlock(nn.Module):
             x = self.conv1(x, ws[:, 1], noise[1])
         rgb = self.torgb(x, ws[:, -1])
         if image is not None:
-            image = upsample2d(image)
+            image = upsample2d(image, self.taps)
         return x, rgb if image is None else image + rgb
 
 
@@ -231,11 +237,13 @@ class Generator(nn.Module):
         z_dim / w_dim: latent and intermediate latent widths.
         mapping_layers / mapping_lr_mul: the mapping network.
         channel_base / channel_max: channels at resolution r are min(channel_base / r, channel_max).
+        resample_filter: the FIR filter's taps (`kiln.modules.blocks.fir`); the paper's
+            [1, 3, 3, 1], or [1, 1] for nearest-neighbour up-sampling (the paper's code takes the same argument).
     """
 
     def __init__(self, resolution: int = 1024, channels: int = 3, z_dim: int = 512, w_dim: int = 512,
                  mapping_layers: int = 8, mapping_lr_mul: float = 0.01, channel_base: int = 32768,
-                 channel_max: int = 512, w_avg_beta: float = 0.995):
+                 channel_max: int = 512, w_avg_beta: float = 0.995, resample_filter: Sequence[float] = BINOMIAL):
         super().__init__()
         if resolution < 4 or resolution & (resolution - 1):
             raise ValueError(f"StyleGAN2 resolution must be a power of two >= 4, got {resolution}")
@@ -246,7 +254,7 @@ class Generator(nn.Module):
         cin = 0
         for r in resolutions:
             cout = channels_at(r, channel_base, channel_max)
-            self.blocks.append(SynthesisBlock(cin, cout, w_dim, r, channels))
+            self.blocks.append(SynthesisBlock(cin, cout, w_dim, r, channels, resample_filter))
             cin = cout
         # toRGB shares its w with the next block's first conv, so num_ws = 2 * log2(resolution) - 2
         self.num_ws = 2 * len(resolutions)
@@ -283,11 +291,11 @@ class Generator(nn.Module):
 class DiscriminatorBlock(nn.Module):
     """Residual: (conv3x3, conv3x3 down) + 1x1 down shortcut, times 1/sqrt(2)."""
 
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, taps: Sequence[float] = BINOMIAL):
         super().__init__()
         self.conv0 = EqualConv2d(cin, cin, 3)
-        self.conv1 = EqualConv2d(cin, cout, 3, down=True)
-        self.skip = EqualConv2d(cin, cout, 1, bias=False, activate=False, down=True)
+        self.conv1 = EqualConv2d(cin, cout, 3, down=True, taps=taps)
+        self.skip = EqualConv2d(cin, cout, 1, bias=False, activate=False, down=True, taps=taps)
 
     def forward(self, x: Tensor) -> Tensor:
         return (self.skip(x) + self.conv1(self.conv0(x))) * math.sqrt(0.5)
@@ -325,17 +333,18 @@ class DiscriminatorEpilogue(nn.Module):
 class Discriminator(nn.Module):
     """images (N, channels, resolution, resolution) -> logits (N,); the residual architecture.
 
-    Args: as `Generator` (channel_base / channel_max for D's widths), and `mbstd_group`.
+    Args: as `Generator` (channel_base / channel_max for D's widths; resample_filter [1, 1]: 2x2
+    average pooling), and `mbstd_group`.
     """
 
     def __init__(self, resolution: int = 1024, channels: int = 3, channel_base: int = 32768, channel_max: int = 512,
-                 mbstd_group: int = 4):
+                 mbstd_group: int = 4, resample_filter: Sequence[float] = BINOMIAL):
         super().__init__()
         if resolution < 4 or resolution & (resolution - 1):
             raise ValueError(f"StyleGAN2 resolution must be a power of two >= 4, got {resolution}")
         ch = [channels_at(2 ** i, channel_base, channel_max) for i in range(int(math.log2(resolution)), 1, -1)]
         self.fromrgb = EqualConv2d(channels, ch[0], 1)
-        self.blocks = nn.ModuleList(DiscriminatorBlock(a, b) for a, b in zip(ch, ch[1:]))
+        self.blocks = nn.ModuleList(DiscriminatorBlock(a, b, resample_filter) for a, b in zip(ch, ch[1:]))
         self.epilogue = DiscriminatorEpilogue(ch[-1], mbstd_group)
 
     shard_units = (DiscriminatorBlock, DiscriminatorEpilogue)
