@@ -287,7 +287,9 @@ def test_short_run_on_digits_learns(digits, tmp_path):
     print(json.dumps(scores, indent=1, sort_keys=True))
     # resample_filter [1, 1] (LEARN_MODEL): with the paper's [1, 3, 3, 1] the 4-tap filter's zero-padded
     # border is nearly half of every 8 px image, and this run measured FID 45.4 vs 54.1 (1.2x), KID 1.4x
-    # (2026-12-07, CI at 7df80c1); with [1, 1], FID 20.1 vs 135.9 (6.7x), KID 0.226 vs 8.19 (36x).
+    # (2026-12-07, CI at 7df80c1); with [1, 1] (3a006b8, AVX-512) FID 20.1 vs 135.9 (6.7x), KID 0.226 vs
+    # 8.19 (36x); emulated AVX2 16.9 vs 198.3 (11.7x), 0.180 vs 21.6 (120x); SSE4.1 with MKL compatible
+    # 20.0 vs 122.5 (6.1x), 0.223 vs 6.46 (29x): the bars below keep more than twice their margin.
     # Before the FIR filter, measured 2026-12-07 at 2d51fe8 (G and D resampling bilinear / 2x2 average),
     # each in an empty KILN_CACHE (judge trained afresh; run and judge seeded, so one machine repeats
     # them exactly): AVX-512 (twice, identical) FID 17.2 vs 51.9 (3.02x),
