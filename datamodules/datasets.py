@@ -15,6 +15,11 @@ def cache_dir(name: str) -> str:
     return os.path.join(root, name)
 
 
+def _slug(groups: list[str]) -> str:
+    """A folder-name-safe, readable name for a list of emoji groups and subgroups."""
+    return "+".join("".join(c for c in g.lower() if c.isalnum() or c == "-") for g in groups)
+
+
 class EmojiDataModule(WebDataModule):
     """Emoji in three styles (Twemoji, Noto, OpenMoji), captioned with their names.
 
@@ -27,6 +32,10 @@ class EmojiDataModule(WebDataModule):
         root: shard folder (any fsspec URL), used as it is if it holds a completed build, else
             built there. Default: the cache, holding the full set at `build_size`.
         build_size: pixel size the shards are rendered at (the mapper resizes from it).
+        groups: only the emoji of these Unicode groups ("Smileys & Emotion", "People & Body",
+            "Animals & Nature", "Food & Drink", "Travel & Places", "Activities", "Objects",
+            "Symbols", "Flags") or subgroups ("heart", "face-smiling", "country-flag", ... as
+            emoji-test.txt names them), built into a cache folder of their own; default all.
         **kwargs: the loader's settings, as `WebDataModule` takes them.
     """
 
@@ -37,15 +46,19 @@ class EmojiDataModule(WebDataModule):
         val_styles: list[str] = ["openmoji"],  # noqa: B006
         root: str | None = None,
         build_size: int = 64,
+        groups: list[str] | None = None,
         **kwargs,
     ):
-        from kiln.datamodules.emoji import STYLES
+        from kiln.datamodules.emoji import STYLES, check_groups
 
         for style in [*train_styles, *val_styles]:
             if style not in STYLES:
                 raise ValueError(f"unknown emoji style {style!r}; choose from {', '.join(STYLES)}")
+        if groups is not None:
+            check_groups(groups)
+        self.groups = None if groups is None else sorted(set(groups))  # one order, one folder
         self.user_root = root is not None
-        self.root = root or cache_dir(f"emoji-{build_size}")
+        self.root = root or cache_dir(f"emoji-{build_size}" + ("" if groups is None else "-" + _slug(self.groups)))
         self.build_size = build_size
         self.train_styles, self.val_styles = list(train_styles), list(val_styles)
         super().__init__(
@@ -57,7 +70,7 @@ class EmojiDataModule(WebDataModule):
     def prepare_data(self) -> None:
         from kiln.datamodules.emoji import ensure_emoji_shards
 
-        ensure_emoji_shards(self.root, size=self.build_size, accept_any=self.user_root)
+        ensure_emoji_shards(self.root, size=self.build_size, accept_any=self.user_root, groups=self.groups)
 
 
 class FashionMNISTDataModule(WebDataModule):

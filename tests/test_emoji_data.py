@@ -5,6 +5,7 @@ import importlib.util
 import json
 import random
 import sys
+import tarfile
 from pathlib import Path
 
 import fsspec
@@ -175,7 +176,7 @@ def test_interrupted_build_leaves_no_final_shard_and_no_manifest(tmp_path, monke
 
 def test_ensure_builds_only_when_the_manifest_does_not_match(tmp_path, monkeypatch):
     builds = []
-    monkeypatch.setattr(emoji, "write_emoji_shards", lambda root, size: builds.append((root, size)))
+    monkeypatch.setattr(emoji, "write_emoji_shards", lambda root, size, groups=None: builds.append((root, size)))
     root = str(tmp_path)
     assert emoji.ensure_emoji_shards(root, size=SIZE) == root
     (tmp_path / "manifest.json").write_text(json.dumps(
@@ -189,3 +190,34 @@ def test_ensure_builds_only_when_the_manifest_does_not_match(tmp_path, monkeypat
     (tmp_path / "manifest.json").write_text('{"size": 3')  # truncated
     emoji.ensure_emoji_shards(root, size=SIZE)
     assert builds == [(root, SIZE), (root, 2 * SIZE), (root, SIZE), (root, SIZE)]
+    # a build of some groups serves only a request for those groups
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"builder": "emoji", "version": emoji.MANIFEST_VERSION, "size": SIZE, "styles": list(emoji.STYLES),
+         "limit": None, "groups": ["Flags"]}))
+    emoji.ensure_emoji_shards(root, size=SIZE, groups=["Flags"])
+    emoji.ensure_emoji_shards(root, size=SIZE)
+    assert builds[4:] == [(root, SIZE)]
+
+
+def test_a_build_of_some_groups_holds_only_their_emoji(tmp_path):
+    from kiln.datamodules.datasets import EmojiDataModule
+    from kiln.datamodules.mappers import ImageText
+
+    # a group and a subgroup (emoji-test.txt's names)
+    manifest = emoji.write_emoji_shards(str(tmp_path), size=SIZE, groups=["Flags", "food-prepared"], limit=40,
+                                        progress=False, workers=1)
+    assert manifest["groups"] == ["Flags", "food-prepared"] and manifest["count"] == 40
+    metas = []
+    for tar in (tmp_path / "noto").glob("*.tar"):
+        with tarfile.open(tar) as tf:
+            metas += [json.loads(tf.extractfile(m).read()) for m in tf.getmembers() if m.name.endswith(".json")]
+    assert len(metas) == 40 and all(m["group"] == "Flags" or m["subgroup"] == "food-prepared" for m in metas)
+    assert {m["subgroup"] for m in metas} > {"food-prepared"}  # the catalogue's first 40 of both reach flags
+    with pytest.raises(ValueError, match="unknown emoji group"):
+        emoji.write_emoji_shards(str(tmp_path / "x"), size=SIZE, groups=["Flag"], progress=False)
+    with pytest.raises(ValueError, match="unknown emoji group"):
+        EmojiDataModule(ImageText(image_size=SIZE), groups=["Flag"])
+    # the folder depends on the groups, not on their order
+    a = EmojiDataModule(ImageText(image_size=SIZE), groups=["Flags", "heart"], build_size=SIZE)
+    b = EmojiDataModule(ImageText(image_size=SIZE), groups=["heart", "Flags"], build_size=SIZE)
+    assert a.root == b.root != EmojiDataModule(ImageText(image_size=SIZE), build_size=SIZE).root
