@@ -92,7 +92,7 @@ def progress_bar(every_s: float = 30.0) -> ProgressBar:
 
 
 def _clock(seconds: float) -> str:
-    return str(timedelta(seconds=int(seconds)))
+    return str(timedelta(seconds=max(0, int(seconds))))  # max_time overshoots by the last step
 
 
 def _max_time(trainer: L.Trainer) -> tuple[float, float] | None:
