@@ -1,7 +1,7 @@
 """The quickstart's picture, judged (issue #24), not in CI: `python3 -m pytest -m learning -s
 tests/test_quickstart_learning.py`.
 
-The README's first command (`kiln fit -c configs/glide/tiny.yaml`, at most 10 minutes on 2 CPU
+The README's first command (`kiln fit -c configs/glide/quickstart.yaml`, at most 10 minutes on 2 CPU
 cores) is trained as a newcomer runs it; a kiln CLIP trained by the CLIP learn recipe
 (`configs/clip/learn.yaml`) then reads the quickstart's grid -- the grid's prompts, the grid's
 noise, EMA weights -- and for each sample ranks the grid's prompts. The bar: the right prompt
@@ -39,9 +39,10 @@ def rank_quickstart(glide_ckpt: str, clip_ckpt: str) -> dict:
 def test_quickstart_draws_its_prompts(tmp_path):
     quick, clip = tmp_path / "quickstart", tmp_path / "clip"
     start = time.monotonic()
-    r = kiln("fit", "-c", "configs/glide/tiny.yaml", "--run_dir", str(quick), "--wandb.mode", "disabled", timeout=3600)
+    r = kiln("fit", "-c", "configs/glide/quickstart.yaml", "--run_dir", str(quick), "--wandb.mode", "disabled", timeout=3600)
     seconds = time.monotonic() - start
     assert r.returncode == 0, r.stderr[-3000:]
+    print("first lines a newcomer sees:", *r.stdout.splitlines()[:15], "(stderr)", *r.stderr.splitlines()[:5], sep="\n")
     r = kiln("fit", "-c", "configs/clip/learn.yaml", "--run_dir", str(clip), "--wandb.mode", "disabled", timeout=3600)
     assert r.returncode == 0, r.stderr[-3000:]
     result = rank_quickstart(str(quick / "checkpoints" / "last.ckpt"), str(clip / "checkpoints" / "last.ckpt"))
