@@ -18,8 +18,8 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from kiln.trainers.args import CommandParser
-from kiln.trainers.run_dir import default_run_dir
+from kiln.launch.args import CommandParser
+from kiln.launch.run_name import default_run_dir
 
 
 # How the user gave each value that goes on an `#SBATCH` line, for the error naming it.

@@ -13,7 +13,7 @@ import os
 import socket
 import sys
 
-from kiln.trainers.args import CommandParser
+from kiln.launch.args import CommandParser
 
 
 def interface_of(addr: str) -> str | None:

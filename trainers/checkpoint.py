@@ -15,6 +15,7 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser
 
+from kiln.modules import loading
 from kiln.trainers.trust import UntrustedConfig, check_config, is_trusted
 
 
@@ -96,3 +97,7 @@ def build_from_checkpoint(ckpt: dict[str, Any], load_weights: bool = True):
             attach(model)
         model.load_state_dict(ckpt["state_dict"])
     return model, data
+
+
+# model code (a GLIDE upsampler's base_ckpt) loads checkpoints through this, trust checks included
+loading.register(lambda path: build_from_checkpoint(load_checkpoint(path))[0])

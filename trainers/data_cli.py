@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from kiln.trainers.args import CommandParser
+from kiln.launch.args import CommandParser
 
 
 def _common(args: argparse.Namespace) -> dict:

@@ -10,7 +10,7 @@ holds: element-wise, so sharded and unsharded averages agree.
     decay_t = min(decay, (1 + t) / (10 + t))    with warm-up (t: optimizer steps), else decay
     ema     = decay_t * ema + (1 - decay_t) * weights
 
-Sampling and evaluation read `ema` when it exists (`kiln.trainers.ema.weights_for_sampling`).
+Sampling and evaluation read `ema` when it exists (`kiln.modules.ema.weights_for_sampling`).
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import copy
 import lightning as L
 import torch
 from torch import nn
+
+from kiln.modules.ema import weights_for_sampling  # noqa: F401 - kept importable from here
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -81,14 +83,3 @@ def attach(pl_module: L.LightningModule, target: str | None = None) -> nn.Module
     pl_module.ema = copy.deepcopy(network).requires_grad_(False)
     pl_module._ema_source = name
     return pl_module.ema
-
-
-def weights_for_sampling(module: L.LightningModule, use_ema: bool | None = None) -> nn.Module:
-    """The network sampling and evaluation run: the EMA copy when there is one (None), the EMA
-    copy or a clear error (True), the live weights (False)."""
-    if use_ema is not False and hasattr(module, "ema"):
-        return module.ema
-    if use_ema:
-        raise ValueError(f"this {getattr(module, 'family', 'kiln')} checkpoint has no EMA weights (trained "
-                         "without kiln.trainers.ema.EMA): use the live weights (--no-ema)")
-    return getattr(module, getattr(module, "_ema_source", None) or getattr(module, "ema_target", "model"))

@@ -11,7 +11,7 @@ import fsspec
 import lightning as L
 import torch
 
-from kiln.trainers.args import CommandParser
+from kiln.launch.args import CommandParser
 from kiln.trainers.checkpoint import CheckpointError, build_from_checkpoint, family_of, load_checkpoint
 from kiln.trainers.progress import track
 

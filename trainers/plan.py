@@ -26,7 +26,7 @@ import torch
 import yaml
 from torch import nn
 
-from kiln.trainers.args import CommandParser
+from kiln.launch.args import CommandParser
 from kiln.trainers.checkpoint import _instantiate
 from kiln.trainers.strategies import shard_units
 

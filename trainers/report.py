@@ -22,7 +22,7 @@ from collections import defaultdict
 import fsspec
 import yaml
 
-from kiln.trainers.args import CommandParser
+from kiln.launch.args import CommandParser
 
 
 def read_metrics(run_dir: str) -> dict[str, list[tuple[int, float]]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from importlib.metadata import version
 from typing import Any
 
@@ -23,23 +22,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-from kiln.launch.env import global_rank, job_id
+from kiln.launch.env import global_rank
+from kiln.launch.run_name import default_run_dir  # noqa: F401 - kiln fit's default, kept importable from here
 
 
 
 def is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
-
-
-def default_run_dir(config_paths: list[str]) -> str:
-    """runs/<family>-<config>/<id>: the id is the cluster's job id when there is one, so every
-    rank of a torchrun or SLURM job agrees on it, else a timestamp."""
-    name = "run"
-    if config_paths:
-        p = os.path.abspath(str(config_paths[0]))
-        name = f"{os.path.basename(os.path.dirname(p))}-{os.path.splitext(os.path.basename(p))[0]}"
-    run_id = job_id() or time.strftime("%Y%m%d-%H%M%S")
-    return os.path.join("runs", name, run_id)
 
 
 def wandb_run_id(run_dir: str) -> str:

@@ -30,7 +30,7 @@ import fsspec
 import torch
 from PIL import Image
 
-from kiln.trainers.args import CommandParser
+from kiln.launch.args import CommandParser
 from kiln.trainers.checkpoint import CheckpointError, build_from_checkpoint, family_of, load_checkpoint
 from kiln.trainers.progress import working
 from kiln.trainers.samples import grid_image

@@ -186,7 +186,7 @@ def consolidate(pointer: str) -> dict[str, Any]:
 def main(argv: list[str]) -> None:
     """kiln consolidate CKPT --out FILE: a sharded checkpoint as one single-file kiln checkpoint
     (full weights and the run's metadata), readable by `kiln eval`, `kiln sample` and any strategy."""
-    from kiln.trainers.args import CommandParser
+    from kiln.launch.args import CommandParser
 
     parser = CommandParser(prog="kiln consolidate", description=main.__doc__)
     parser.add_argument("ckpt", help="checkpoint (the pointer file of a sharded one), local path or URL")

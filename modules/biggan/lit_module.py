@@ -16,7 +16,7 @@ from torch import Tensor
 from kiln.modules.biggan.networks import Discriminator, Generator, orthogonal_regularisation, truncated_normal
 from kiln.modules.gan.lit_module import AdversarialModule, GANPair, GanLoss
 from kiln.modules.blocks.cross_replica_bn import convert_cross_replica
-from kiln.trainers.ema import weights_for_sampling
+from kiln.modules.ema import weights_for_sampling
 
 
 class BigGANModule(AdversarialModule):

@@ -18,7 +18,8 @@ from kiln.modules.blocks.diffusion import GaussianDiffusion, classifier_free_gui
 from kiln.modules.clip.tokenizer import ByteTokenizer
 from kiln.modules.glide.networks import GLIDENet, TextConfig
 from kiln.modules.optim import adamw_with_warmup_cosine
-from kiln.trainers.ema import weights_for_sampling
+from kiln.modules.ema import weights_for_sampling
+from kiln.modules.loading import load_module
 
 
 def _noise(shape: tuple[int, ...], seeds: list[int]) -> Tensor:
@@ -174,11 +175,9 @@ class GLIDEModule(L.LightningModule):
     def base(self) -> GLIDEModule:
         """The base model named by `base_ckpt` (the upsampler's cascade), loaded once."""
         if self._base is None:
-            from kiln.trainers.checkpoint import build_from_checkpoint, load_checkpoint
-
             if not self.hparams.base_ckpt:
                 raise ValueError("this GLIDE upsampler names no base_ckpt: give it input images instead")
-            base, _ = build_from_checkpoint(load_checkpoint(self.hparams.base_ckpt))
+            base = load_module(self.hparams.base_ckpt)
             if getattr(base, "family", None) != "glide" or base.hparams.stage != "base":
                 raise ValueError(f"base_ckpt {self.hparams.base_ckpt} is not a GLIDE base-stage checkpoint")
             base.sample_with_ema = getattr(self, "sample_with_ema", None)

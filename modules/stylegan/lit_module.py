@@ -30,7 +30,7 @@ from torch import Tensor
 from kiln.modules.blocks.ada import PRESETS, AdaptiveAugment
 from kiln.modules.gan.lit_module import AdversarialModule, GANPair, _size
 from kiln.modules.stylegan.networks import Discriminator, Generator
-from kiln.trainers.ema import weights_for_sampling
+from kiln.modules.ema import weights_for_sampling
 
 MODES = ("sample", "project", "project-w+")
 SEED_STRIDE = 1_000_003  # sample i of seed s draws from seed s * stride + i
