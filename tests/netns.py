@@ -1,5 +1,5 @@
-"""Two "nodes" on one machine: two network namespaces joined by a veth pair (shared/INFRA.md,
-"Two nodes on one machine"). Needs root and `ip netns`; the fixture skips without them.
+"""Two "nodes" on one machine: two network namespaces joined by a veth pair.
+Needs root and `ip netns`; the fixture skips without them.
 
     from tests.netns import two_nodes  # noqa: F401  (makes the fixture visible)
 

@@ -20,7 +20,7 @@ def free_port() -> int:
 
 
 class MotoServer:
-    """`moto_server` on 127.0.0.1 (shared/INFRA.md): a real HTTP S3 API, in memory."""
+    """`moto_server` on 127.0.0.1: a real HTTP S3 API, in memory."""
 
     def __init__(self):
         self.port = free_port()

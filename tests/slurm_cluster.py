@@ -1,4 +1,4 @@
-"""A real one-node SLURM cluster on localhost (slurm-wlm + munge, shared/INFRA.md "SLURM"),
+"""A real one-node SLURM cluster on localhost (slurm-wlm + munge from apt),
 started once and reused: `ensure_cluster` is idempotent, and the daemons outlive the tests.
 
 Tests use the `slurm_cluster` fixture (import it, or list this module in `pytest_plugins`); it
