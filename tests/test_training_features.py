@@ -115,7 +115,8 @@ def test_ema_checkpoints_load_and_a_missing_ema_is_named(tmp_path):
     """A checkpoint trained with EMA rebuilds with its `ema` copy; asking one without for EMA fails
     with one clear sentence."""
     from kiln.trainers.checkpoint import build_from_checkpoint
-    from kiln.trainers.ema import EMA, attach, weights_for_sampling
+    from kiln.modules.ema import weights_for_sampling
+    from kiln.trainers.ema import EMA, attach
 
     module = _small_clip()
     attach(module)

@@ -44,7 +44,8 @@ from kiln.trainers.progress import ModelSummary, progress_bar, quiet
 from kiln.trainers.rng import RandomState
 from kiln.trainers.samples import SampleGrid
 from kiln.trainers.strategies import ParameterSharding, for_module
-from kiln.trainers.run_dir import (AtomicCheckpointIO, JsonlLogger, LastCheckpoint, RunDirectory, default_run_dir,
+from kiln.launch.run_name import default_run_dir
+from kiln.trainers.run_dir import (AtomicCheckpointIO, JsonlLogger, LastCheckpoint, RunDirectory,
                                    is_url, wandb_run_id)
 
 

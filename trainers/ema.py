@@ -20,8 +20,6 @@ import lightning as L
 import torch
 from torch import nn
 
-from kiln.modules.ema import weights_for_sampling  # noqa: F401 - kept importable from here
-
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The part of a parameter this rank holds: a DTensor's local shard, a ZeRO-3 partition."""

@@ -197,7 +197,7 @@ def main(argv: list[str]) -> None:
     if hasattr(model, "generate_for_eval"):
         from functools import partial
 
-        model.sample_with_ema = not args.no_ema  # families sample through kiln.trainers.ema.weights_for_sampling
+        model.sample_with_ema = not args.no_ema  # families sample through kiln.modules.ema.weights_for_sampling
         evaluator = partial(evaluate_generative, extractor=args.extractor, extractor_weights=args.extractor_weights,
                             judge=args.judge, num_samples=args.num_samples)
         available = GENERATIVE

@@ -23,7 +23,6 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from kiln.launch.env import global_rank
-from kiln.launch.run_name import default_run_dir  # noqa: F401 - kiln fit's default, kept importable from here
 
 
 
