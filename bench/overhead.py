@@ -440,9 +440,9 @@ def report(args, models: list[str], runs: dict, ratios: dict, info: dict, meta: 
                    + (f", plus the EMA update {ema * 1e3:.1f} ms ({ema / step:.1%})" if ema else ""))
     lines += ["", "Lightning's and kiln's own work per step, in CPU time (between steps and `self.log`, less the bare "
               "loop's between steps): " + "; ".join(own) + ". The rest of any gap is in forward, backward and "
-              "update, the same kernels on both sides: contention from the other jobs, and from the progress "
-              "bar's render thread (\"Thread\" in the per-thread CPU above; it renders at most once a second, "
-              "so once per step when steps take longer)."]
+              "update, the same kernels on both sides: contention from the other jobs. (kiln's progress is "
+              "printed lines from the training thread, `ProgressLines`; Rich's bar had a render thread of its "
+              "own, 1-2 ms of CPU a step, named \"Thread\" in the per-thread CPU of earlier runs.)"]
     return "\n".join(lines) + "\n"
 
 
