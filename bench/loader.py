@@ -172,13 +172,14 @@ def make_loader(spec: dict):
     if spec["loader"] in PEER_LABELS:
         return peer_loader(spec), spec["samples"]
     from kiln.datamodules.mappers import ImageClass
-    from kiln.datamodules.webdataset import ShardPipeline
+    from kiln.datamodules.webdataset import ShardPipeline, as_collated
 
     batches = spec["samples"] // spec["batch_size"]
     mapper = Uint8Image() if spec.get("mapper") == "uint8" else ImageClass(image_size=spec["size"])
     pipeline = ShardPipeline(spec["urls"], mapper, spec["batch_size"],
                              shuffle=spec["shuffle"], batches_per_epoch=batches)
-    return DataLoader(pipeline, batch_size=None, num_workers=spec["workers"]), batches * spec["batch_size"]
+    return (DataLoader(pipeline, batch_size=None, collate_fn=as_collated, num_workers=spec["workers"]),
+            batches * spec["batch_size"])
 
 
 class PeakMemory(threading.Thread):
