@@ -1,30 +1,63 @@
 """`kiln plan -c CONFIG --nodes N --gpus-per-node G`: will this run fit, before a GPU is rented?
 
 The model is built on the meta device (no memory, no weights), so paper-size configs plan in
-seconds. One training forward and backward at the configured micro-batch, also on meta, gives
-the FLOPs (torch.utils.flop_counter) and the activation memory: the bytes of the tensors autograd
-keeps for backward (each saved tensor counted once per op that saves it, so an upper estimate).
+seconds. One training step, also on meta, gives the FLOPs (torch.utils.flop_counter) and the
+step's working memory: the peak of the bytes its ops allocate while they are alive (what autograd
+keeps for backward, autograd's temporaries, the loss), storage by storage. A GAN's step is its
+phases (`kiln.modules.gan.lit_module`), each run as training runs it: D main, R1 (a double
+backward through D), G main (through G and D, D frozen), path length (a double backward through
+G); the plan holds the largest phase.
 
-Per-GPU memory under each strategy, with P parameters, W ranks and AdamW:
+Per-GPU memory, with P trainable, F frozen and E EMA parameters (fp32 master weights: 4 bytes
+each under every precision; bf16 autocast shrinks activations, not these), W ranks and Adam(W):
 
-    strategy  parameters              gradients   optimizer (2 moments)
-    ddp       4P                      4P          8P
-    zero2     4P                      4P / W      8P / W
-    zero3     4P / W + largest unit   4P / W      8P / W
-    fsdp      4P / W + largest unit   4P / W      8P / W
+    strategy  parameters  ema    gathered         gradients  optimizer       buffers
+    ddp       4(P+F)      4E     -                4P         8P              4P
+    zero2     4(P+F)      4E     -                4P/W       8P/W + 4P/W     2 x 4 x reduce_bucket_size
+    zero3     4(P+F)/W    4E/W   4(P+F)           4P/W       8P/W + 4P/W     4 x reduce_bucket_size
+    fsdp      4(P+F)/W    4E/W   16 unit + 4 rest 4P/W       8P/W            -
+                                   (+ 4 x the phase's networks for a double backward)
 
-("largest unit": the biggest declared shard unit, gathered whole while it runs.) Parameters are
-fp32 master weights under every precision; bf16 autocast shrinks activations, not these.
+    total = parameters + ema + optimizer + buffers
+            + the largest phase's (gradients + gathered + max(activations, optimizer step))
+
+Why each term, as measured on 2 ranks (tests/test_plan_measured.py):
+- ema: the EMA callback's frozen copy of the averaged network (`kiln.trainers.ema`), sharded
+  like the live weights under ZeRO-3 and FSDP2.
+- gradients sit beside the activations: Lightning's automatic optimisation zeroes them after
+  the forward, so the last step's are still held while this one's activations grow; a GAN phase
+  holds its own network's. DDP's buffers are its gradient buckets, a second copy of the
+  gradients (gradient_as_bucket_view is off).
+- DeepSpeed keeps an fp32 master copy of its partition even when training in fp32 (the 4P/W in
+  optimizer), and gradient buckets of reduce_bucket_size elements (two for ZeRO-2's overlap_comm):
+  1.6 GB and 0.8 GB per GPU at Lightning's default 2e8, whatever the model's size. ZeRO-3 keeps a
+  weight it gathered until backward reuses it when that is within stage3_max_reuse_distance
+  (Lightning: 1e9 elements): smaller models are held whole during the step, at most
+  stage3_max_live_parameters.
+- FSDP2 gathers a unit into an all-gather buffer and copies it out to the unsharded weights,
+  prefetches the next unit while one runs, and holds the last reduce-scatter's input until the
+  next: four buffers the size of the largest declared unit. A network's weights outside its units
+  (embeddings, heads) stay gathered while it runs; a family with a double backward keeps every
+  unit gathered until the phase's backward ends (`kiln.trainers.strategies.FSDP2`): the phase's
+  networks whole.
+- optimizer step: foreach Adam's square root of the second moment is one temporary the size of
+  the weights it steps (this rank's share).
+A GAN trains two optimizers, which Lightning's DeepSpeed strategy refuses ("DeepSpeed currently
+only supports single optimizer"): ZeRO-2/3 are listed under `unsupported` for GANs.
 """
 from __future__ import annotations
 
+import functools
 import json
-from typing import Any
+import weakref
+from typing import Any, Callable
 
 import lightning as L
 import torch
 import yaml
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from kiln.launch.args import CommandParser
 from kiln.trainers.checkpoint import _instantiate
@@ -32,6 +65,11 @@ from kiln.trainers.strategies import shard_units
 
 GIB = 1024 ** 3
 STRATEGIES = ("ddp", "zero2", "zero3", "fsdp")
+PARTS = ("parameters", "ema", "gathered", "gradients", "optimizer", "buffers", "activations")
+SHORT = {"parameters": "params", "gradients": "grads", "optimizer": "optim", "activations": "activ"}  # table headings
+# Lightning's DeepSpeedStrategy defaults, where a config does not set them.
+DEEPSPEED = {"reduce_bucket_size": 2e8, "overlap_comm": True, "contiguous_gradients": True,
+             "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9}
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -62,42 +100,204 @@ def _strategy_of(config: dict) -> str:
     return {"auto": "ddp", "deepspeed_stage_2": "zero2", "deepspeed_stage_3": "zero3"}.get(str(strategy), "ddp")
 
 
+def _deepspeed_settings(config: dict) -> dict:
+    strategy = config.get("trainer", {}).get("strategy")
+    init = strategy.get("init_args", {}) if isinstance(strategy, dict) else {}
+    return {key: init.get(key, default) for key, default in DEEPSPEED.items()}
+
+
+def _ema_target(config: dict, module: nn.Module) -> nn.Module | None:
+    """The network the config's EMA callback copies, if it has one."""
+    for callback in config.get("trainer", {}).get("callbacks") or []:
+        if isinstance(callback, dict) and callback.get("class_path", "").endswith("ema.EMA"):
+            name = (callback.get("init_args") or {}).get("target") or getattr(module, "ema_target", "model")
+            return getattr(module, name)
+    return None
+
+
 def _count(module: nn.Module, trainable: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad == trainable)
 
 
-def measure(module: L.LightningModule, batch_size: int) -> dict[str, float]:
-    """FLOPs and saved-activation bytes of one training forward + backward, on the meta device."""
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The peak of the bytes that ops allocate while this mode is on and that are still alive: a
+    storage counts from the op that creates it (an output whose storage no input shares: not a
+    view, not in place) until it is freed (a weak reference to it dies). Works on meta tensors.
+    (torch.distributed._tools.mem_tracker.MemTracker does the same, but hooks every parameter of
+    every module it sees for gradients, which fails on a frozen one: the network a GAN phase does
+    not train.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._alive: dict[int, weakref.ref] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {_storage_key(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            key = _storage_key(t) if isinstance(t, torch.Tensor) else None
+            if key is None or key in inputs or key in self._alive:
+                continue
+            storage = t.untyped_storage()
+            self.live += storage.nbytes()
+            self._alive[key] = weakref.ref(storage, functools.partial(self._freed, key, storage.nbytes()))
+        self.peak = max(self.peak, self.live)
+        return out
+
+    def _freed(self, key: int, nbytes: int, _ref) -> None:
+        self._alive.pop(key, None)
+        self.live -= nbytes
+
+
+def _storage_key(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (sparse, nested)
+        return None
+
+
+def _run(module: nn.Module, step: Callable[[], None], flops: bool = True) -> dict[str, float]:
+    """Working memory (and FLOPs) of one forward + backward. Gradients are dropped as they land
+    on the weights: the plan counts them by strategy (sharded, bucketed) instead. (FLOPs are
+    not counted through a double backward: FlopCounterMode's module hooks refuse autograd.grad.)"""
+    import contextlib
+
     from torch.utils.flop_counter import FlopCounterMode
 
+    def drop(p: torch.Tensor) -> None:
+        p.grad = None
+
+    hooks = [p.register_post_accumulate_grad_hook(drop) for p in module.parameters() if p.requires_grad]
+    counter, live = FlopCounterMode(display=False), _LiveBytes()
+    try:
+        with counter if flops else contextlib.nullcontext(), live:
+            step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {"flops": counter.get_total_flops() if flops else 0, "activations": live.peak}
+
+
+def _model_pass(module: L.LightningModule, batch_size: int) -> dict[str, float]:
+    """FLOPs and working memory of `module.model`'s forward on `plan_inputs` and its backward
+    (a GAN's model is one D(G(z)) pass)."""
     inputs = module.plan_inputs(batch_size)
-    params = {id(p) for p in module.parameters()}
-    saved = 0
 
-    def pack(t: torch.Tensor):
-        nonlocal saved
-        if id(t) not in params:
-            saved += t.numel() * t.element_size()
-        return t
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def step() -> None:
         out = module.model(*inputs)
-        leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        leaves = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         sum(t.float().sum() for t in leaves).backward()
-    return {"flops_per_sample": counter.get_total_flops() / batch_size, "activation_bytes_per_sample": saved / batch_size}
+
+    return _run(module, step)
 
 
-def memory(params: int, largest_unit: int, world: int, activations: float) -> dict[str, dict[str, float]]:
+def phases(module: L.LightningModule, batch_size: int) -> list[dict[str, Any]]:
+    """One training step's working memory on the meta device, phase by phase: each phase's name,
+    the parameters it steps and runs through, and the peak bytes of what it allocates
+    (`activations`). A family without phases has one, its model's forward and backward."""
+    from kiln.modules.gan.lit_module import AdversarialModule, _split
+
+    if not isinstance(module, AdversarialModule):
+        return [{"name": "step", "steps": _count(module), "through": _numel(module.model),
+                 **_model_pass(module, batch_size)}]
+    batch, out = module.plan_batch(batch_size), []
+    # ADA's pipeline decides on p's value, which a meta tensor does not have: left out (a few
+    # image-sized tensors, small next to D's activations). The meta module is the plan's own.
+    module.augment = nn.Identity()
+    run = {"Dmain": module.d_main, "Dreg": module.d_reg, "Gmain": module.g_main, "Greg": module.g_reg}
+    for phase in module.phases():
+        trained = getattr(module, phase.network)
+        share = _split(batch, module.d_steps)[0] if phase.network == "discriminator" else batch
+        # As training's toggle_optimizer: only the phase's network takes gradients.
+        mine = {id(p) for p in trained.parameters()}
+        frozen = [p for p in module.parameters() if p.requires_grad and id(p) not in mine]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            measured = _run(module, lambda: (run[phase.name](share)["loss"] * phase.interval).backward(), flops=False)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        # G main runs through D too; D main runs G without gradients, its weights gathered all the same.
+        both = phase.name in ("Gmain", "Dmain")
+        out.append({"name": phase.name, "steps": _count(trained),
+                    "through": _numel(module.model) if both else _numel(trained),
+                    "activations": measured["activations"]})
+    return out
+
+
+def measure(module: L.LightningModule, batch_size: int) -> dict[str, float]:
+    """FLOPs per sample of the model's training forward + backward, and the working memory per
+    sample of the step's largest phase, on the meta device."""
+    steps = phases(module, batch_size)
+    return {"flops_per_sample": _flops(module, steps, batch_size) / batch_size,
+            "activation_bytes_per_sample": max(p["activations"] for p in steps) / batch_size}
+
+
+def _flops(module: L.LightningModule, steps: list[dict], batch_size: int) -> float:
+    """The model pass's FLOPs: counted with the one phase of a family without phases, else apart."""
+    return steps[0]["flops"] if "flops" in steps[0] else _model_pass(module, batch_size)["flops"]
+
+
+def _units(module: L.LightningModule) -> tuple[int, int]:
+    """(the largest declared shard unit, the most weights of one network outside its units), in elements."""
+    units = shard_units(module)
+    largest = max((_numel(m) for m in module.modules() if units and isinstance(m, units)), default=0)
+    model = module.model
+    networks = list(model.components().values()) if hasattr(model, "components") else [model]
+    inside = {id(p) for m in module.modules() if units and isinstance(m, units) for p in m.parameters()}
+    rest = max((sum(p.numel() for p in net.parameters() if id(p) not in inside) for net in networks), default=0)
+    return largest, rest
+
+
+def memory(sizes: dict[str, int], steps: list[dict], world: int, deepspeed: dict,
+           double_backward: bool = False) -> dict[str, dict[str, float]]:
+    """Bytes per GPU by part, for each strategy (see the module docstring). `sizes`: trainable,
+    frozen and ema parameter counts, the largest unit and rest (`_units`)."""
+    p, f, e = sizes["trainable"], sizes["frozen"], sizes["ema"]
+    bucket = 4 * deepspeed["reduce_bucket_size"]
     per = {}
     for name in STRATEGIES:
-        sharded_params = name in ("zero3", "fsdp")
-        p = 4 * params / world + 4 * largest_unit if sharded_params else 4 * params
-        g = 4 * params / world if name != "ddp" else 4 * params
-        o = 8 * params / world if name != "ddp" else 8 * params
-        per[name] = {"parameters": p, "gradients": g, "optimizer": o, "activations": activations,
-                     "total": p + g + o + activations}
+        sharded = name in ("zero3", "fsdp")  # weights sharded
+        split = world if name != "ddp" else 1  # gradients and optimizer state sharded
+        fixed = {
+            "parameters": 4 * (p + f) / (world if sharded else 1),
+            "ema": 4 * e / (world if sharded else 1),
+            "optimizer": 8 * p / split + (4 * p / world if name.startswith("zero") else 0),
+            "buffers": {"ddp": 4 * p, "zero2": bucket * (2 if deepspeed["overlap_comm"] else 1),
+                        "zero3": bucket if deepspeed["contiguous_gradients"] else 0, "fsdp": 0}[name],
+        }
+        worst = None
+        for step in steps:
+            if name == "zero3":
+                held = step["through"] if step["through"] <= deepspeed["stage3_max_reuse_distance"] else 0
+                gathered = 4 * min(max(held, sizes["unit"]), deepspeed["stage3_max_live_parameters"])
+            elif name == "fsdp":
+                gathered = 16 * sizes["unit"] + 4 * (step["through"] if double_backward else sizes["rest"])
+            else:
+                gathered = 0
+            phase = {"gathered": gathered, "gradients": 4 * step["steps"] / split,
+                     "activations": max(step["activations"], 4 * step["steps"] / split)}
+            if worst is None or sum(phase.values()) > sum(worst[1].values()):
+                worst = step["name"], phase
+        parts = {**fixed, **worst[1]}
+        per[name] = {**{k: parts[k] for k in PARTS}, "total": sum(parts[k] for k in PARTS), "peak_phase": worst[0]}
     return per
+
+
+def unsupported(module: L.LightningModule) -> dict[str, str]:
+    """Strategies this family cannot train under, and why."""
+    from kiln.modules.gan.lit_module import AdversarialModule
+
+    if isinstance(module, AdversarialModule):
+        why = "a GAN trains two optimizers (G and D); Lightning's DeepSpeed strategy takes one"
+        return {"zero2": why, "zero3": why}
+    return {}
 
 
 def plan(paths: list[str], nodes: int, gpus_per_node: int, micro_batch: int | None = None) -> dict[str, Any]:
@@ -106,17 +306,23 @@ def plan(paths: list[str], nodes: int, gpus_per_node: int, micro_batch: int | No
         module = _instantiate(config["model"], L.LightningModule)
     batch = micro_batch or config.get("data", {}).get("init_args", {}).get("batch_size") or 1
     world = nodes * gpus_per_node
-    units = shard_units(module)
-    largest = max((_count(m) for m in module.modules() if units and isinstance(m, units)), default=0)
-    measured = measure(module, batch)
-    per_gpu = memory(_count(module), largest, world, measured["activation_bytes_per_sample"] * batch)
+    largest, rest = _units(module)
+    ema = _ema_target(config, module)
+    steps = phases(module, batch)
+    sizes = {"trainable": _count(module), "frozen": _count(module, trainable=False),
+             "ema": _numel(ema) if ema is not None else 0, "unit": largest, "rest": rest}
+    per_gpu = memory(sizes, steps, world, _deepspeed_settings(config), getattr(module, "double_backward", False))
     components = module.model.components() if hasattr(module.model, "components") else {}
     return {
         "config": paths, "family": getattr(module, "family", None), "nodes": nodes, "gpus_per_node": gpus_per_node,
         "micro_batch": batch, "global_batch": batch * world, "strategy": _strategy_of(config),
         "parameters": _count(module), "frozen_parameters": _count(module, trainable=False),
+        "ema_parameters": sizes["ema"],
         "components": {name: _count(m) for name, m in components.items()},
-        "largest_shard_unit": largest, **measured,
+        "largest_shard_unit": largest, "flops_per_sample": _flops(module, steps, batch) / batch,
+        "activation_bytes_per_sample": max(p["activations"] for p in steps) / batch,
+        "phases": [{k: v for k, v in p.items() if k != "flops"} for p in steps],
+        "unsupported": unsupported(module),
         "memory_per_gpu": per_gpu,  # bytes, by part
         "memory_per_gpu_gb": {name: round(m["total"] / 1e9, 3) for name, m in per_gpu.items()},  # GB = 1e9 bytes
     }
@@ -137,14 +343,17 @@ def main(argv: list[str]) -> None:
     result = plan(args.config, args.nodes, args.gpus_per_node, args.micro_batch)
     chosen = args.strategy or result["strategy"]
     budget = args.gpu_memory_gib * GIB
-    result["fits"] = {name: m["total"] <= budget for name, m in result["memory_per_gpu"].items()}
+    result["fits"] = {name: m["total"] <= budget for name, m in result["memory_per_gpu"].items()
+                      if name not in result["unsupported"]}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(_table(result, args.gpu_memory_gib))
+    if chosen in result["unsupported"]:
+        raise ValueError(f"{chosen} cannot train this {result['family']}: {result['unsupported'][chosen]}")
     if not result["fits"][chosen]:
         need = result["memory_per_gpu"][chosen]["total"] / GIB
-        fitting = [n for n in STRATEGIES if result["fits"][n]]
+        fitting = [n for n in STRATEGIES if result["fits"].get(n)]
         hint = (f"; {fitting[0]} fits ({result['memory_per_gpu'][fitting[0]]['total'] / GIB:.1f} GiB)" if fitting
                 else "; no strategy fits: lower the micro-batch, add GPUs, or checkpoint activations")
         raise ValueError(f"does not fit: {chosen} needs {need:.1f} GiB per GPU, more than the "
@@ -167,11 +376,12 @@ def _table(r: dict, gib: float) -> str:
         f"training FLOPs per sample: {human(r['flops_per_sample'])} "
         f"(forward + backward; {human(r['flops_per_sample'] * r['global_batch'])} per step)",
         "",
-        f"per-GPU memory, GiB    params    grads    optim    activ    total   (of {gib:g})",
+        "per-GPU memory, GiB" + "".join(f"{SHORT.get(k, k):>9}" for k in (*PARTS, "total")) + f"   (of {gib:g})",
     ]
     for name, m in r["memory_per_gpu"].items():
         mark = "  <- config" if name == r["strategy"] else ""
-        cells = "".join(f"{m[k] / GIB:9.2f}" for k in ("parameters", "gradients", "optimizer", "activations", "total"))
-        lines.append(f"  {name:<20}{cells}  {'fits' if m['total'] <= gib * GIB else 'DOES NOT FIT'}{mark}")
+        cells = "".join(f"{m[k] / GIB:9.2f}" for k in (*PARTS, "total"))
+        verdict = ("not supported: " + r["unsupported"][name] if name in r["unsupported"]
+                   else "fits" if m["total"] <= gib * GIB else "DOES NOT FIT")
+        lines.append(f"  {name:<17}{cells}  {verdict}{mark}")
     return "\n".join(lines)
-

@@ -97,6 +97,12 @@ class BigGANModule(AdversarialModule):
         z = torch.zeros(batch_size, self.hparams.dim_z, device=self.device)
         return z, torch.zeros(batch_size, dtype=torch.long, device=self.device)
 
+    def plan_batch(self, batch_size: int) -> dict[str, Tensor]:
+        """A training batch as the data module hands it over (`kiln plan` runs the phases on it)."""
+        hp = self.hparams
+        return {"image": torch.zeros(batch_size, hp.channels, hp.image_size, hp.image_size, device=self.device),
+                "label": torch.zeros(batch_size, dtype=torch.long, device=self.device)}
+
     def configure_model(self) -> None:
         if self.hparams.cross_replica_bn and self.trainer.world_size > 1:
             convert_cross_replica(self.generator, functools.partial(self.sum_over_ranks, differentiable=True))

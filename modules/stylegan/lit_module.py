@@ -136,6 +136,11 @@ class StyleGAN2Module(AdversarialModule):
     def plan_inputs(self, batch_size: int) -> tuple[Tensor]:
         return (torch.zeros(batch_size, self.hparams.z_dim, device=self.device),)
 
+    def plan_batch(self, batch_size: int) -> dict[str, Tensor]:
+        """A training batch as the data module hands it over (`kiln plan` runs the phases on it)."""
+        hp = self.hparams
+        return {"image": torch.zeros(batch_size, hp.channels, hp.image_size, hp.image_size, device=self.device)}
+
     # -- training --------------------------------------------------------------------------------
     def _images(self, images: Tensor) -> Tensor:
         c, size = self.hparams.channels, self.hparams.image_size
