@@ -38,13 +38,17 @@ def run_steps(**env: str) -> dict:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_freed_activations_are_not_faulted_in_again():
-    tuned, default = run_steps(), run_steps(KILN_MALLOC="default")
-    # glibc's defaults hand freed activations back to the kernel and fault them in again, page by
-    # page, every step (measured: ~24,000 faults in these 3 steps); kept, only the heap's growth
-    # faults (measured: 257 alone, 1,281 with the rest of the suite beside it)
-    assert default["faults"] > 5000, default
-    assert tuned["faults"] * 5 < default["faults"], (tuned, default)
-    assert tuned["omp"] == default["omp"] == "PASSIVE"
+    # glibc hands freed activations back to the kernel and faults them in again, page by page,
+    # every step; kept, only the heap's growth faults (measured: 257 alone, 1,025-1,794 with the
+    # rest of the suite beside it). The reference is glibc's own starting thresholds (128 KiB) held
+    # fixed: its adaptive default moves them as blocks are freed, and where they settle depends on
+    # the order of frees, so its count is not repeatable (29,602-52,580 in four runs beside the
+    # suite, 4,929 in a fifth).
+    tuned = run_steps()
+    glibc = run_steps(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    assert glibc["faults"] > 5000, glibc
+    assert tuned["faults"] * 5 < glibc["faults"], (tuned, glibc)
+    assert tuned["omp"] == run_steps(KILN_MALLOC="default")["omp"] == "PASSIVE"
 
 
 def test_a_users_own_settings_are_kept():
