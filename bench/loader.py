@@ -171,8 +171,8 @@ def make_loader(spec: dict):
         return loader, spec["samples"]
     if spec["loader"] in PEER_LABELS:
         return peer_loader(spec), spec["samples"]
-    from kiln.datamodules.mappers import ImageClass
-    from kiln.datamodules.webdataset import ShardPipeline, as_collated
+    from kiln.datamodules.mappers import ImageClass, as_collated
+    from kiln.datamodules.webdataset import ShardPipeline
 
     batches = spec["samples"] // spec["batch_size"]
     mapper = Uint8Image() if spec.get("mapper") == "uint8" else ImageClass(image_size=spec["size"])

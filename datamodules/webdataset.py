@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kiln.datamodules.decoding import FieldDecodeError, Sample
 from kiln.datamodules.errors import DataError
-from kiln.datamodules.mappers import collate, images_to_float
+from kiln.datamodules.mappers import as_collated, collate, images_to_float
 from kiln.datamodules.shards import read_manifest
 from kiln.datamodules.tars import tar_samples
 
@@ -385,14 +385,6 @@ class ShardPipeline(IterableDataset):
         out[INFO] = {"split": self.split, "worker": worker, "produced": produced, "positions": positions,
                      "skipped": skipped, "shards_read": reads}
         return out
-
-
-def as_collated(batch: dict) -> dict:
-    """The DataLoader's per-item hook for a pipeline that yields whole batches: they are
-    collated already (`kiln.datamodules.mappers.collate`), so they pass as they are. The default,
-    `default_convert`, walks every batch down to each caption and key string to convert numpy
-    arrays the batch cannot hold: ~4 us a sample of the workers' time (bench/loader.py --profile)."""
-    return batch
 
 
 class _EpochLoader(DataLoader):
