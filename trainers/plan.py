@@ -47,6 +47,7 @@ only supports single optimizer"): ZeRO-2/3 are listed under `unsupported` for GA
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import weakref
@@ -165,8 +166,6 @@ def _run(module: nn.Module, step: Callable[[], None], flops: bool = True) -> dic
     """Working memory (and FLOPs) of one forward + backward. Gradients are dropped as they land
     on the weights: the plan counts them by strategy (sharded, bucketed) instead. (FLOPs are
     not counted through a double backward: FlopCounterMode's module hooks refuse autograd.grad.)"""
-    import contextlib
-
     from torch.utils.flop_counter import FlopCounterMode
 
     def drop(p: torch.Tensor) -> None:
