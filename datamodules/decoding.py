@@ -41,10 +41,17 @@ def extension(name: str) -> str:
     return name.rpartition(".")[2].lower()
 
 
-def jpeg_pixels(data: bytes) -> np.ndarray | None:
-    """A JPEG's RGB pixels, (H, W, 3) uint8, from libjpeg-turbo; None where Pillow must decide."""
+def jpeg_pixels(data: bytes, into: list[np.ndarray] | None = None) -> np.ndarray | None:
+    """A JPEG's RGB pixels, (H, W, 3) uint8, from libjpeg-turbo; None where Pillow must decide.
+    Decoded into the first of `into` of their shape if there is one (which is then taken off
+    the list and returned), else into a new array."""
     try:
-        if simplejpeg.decode_jpeg_header(data)[2] in _TURBO_COLOURS:
+        height, width, colour, _ = simplejpeg.decode_jpeg_header(data)
+        if colour in _TURBO_COLOURS:
+            for k, place in enumerate(into or ()):
+                if place.shape == (height, width, 3):
+                    simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=place)
+                    return into.pop(k)
             return simplejpeg.decode_jpeg(data, colorspace="RGB")
     except ValueError:  # not a JPEG simplejpeg reads (or a damaged one)
         pass
@@ -87,12 +94,14 @@ _NOT_YET = object()
 
 class Sample(Mapping):
     """One sample: `__key__`, `__url__` as they are, every other field decoded on first read.
-    `image(name)` gives a JPEG's pixels without making a PIL image (kiln's mappers take either)."""
+    `image(name)` gives a JPEG's pixels without making a PIL image (kiln's mappers take either).
+    `into`: places for pixels in the batch's memory (`mappers.BatchBlocks.places`); a JPEG of
+    a place's shape decodes into it."""
 
-    __slots__ = ("raw", "decoded", "pixels")
+    __slots__ = ("raw", "decoded", "pixels", "into")
 
-    def __init__(self, raw: dict):
-        self.raw, self.decoded, self.pixels = raw, {}, {}
+    def __init__(self, raw: dict, into: list[np.ndarray] | None = None):
+        self.raw, self.decoded, self.pixels, self.into = raw, {}, {}, into
 
     def image(self, name: str) -> Image.Image | np.ndarray:
         """An image field as it decodes most cheaply: a JPEG libjpeg-turbo reads as its RGB
@@ -109,7 +118,7 @@ class Sample(Mapping):
         pixels = self.pixels.get(name, _NOT_YET)
         if pixels is _NOT_YET:
             data = self.raw.get(name)
-            pixels = jpeg_pixels(data) if isinstance(data, bytes) and _decoder(name) is _JPEG_IMAGE else None
+            pixels = jpeg_pixels(data, self.into) if isinstance(data, bytes) and _decoder(name) is _JPEG_IMAGE else None
             self.pixels[name] = pixels
         return pixels
 

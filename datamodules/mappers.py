@@ -34,10 +34,13 @@ def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
     Pixels arrive as the decoder's array and leave as a copy: the decoder's buffer is then free
     when the sample is, and the next image decodes into the same, cache-warm memory instead of
     fresh memory each time until the batch is collated. The copy costs ~1 us for 64 px and saves
-    ~5 (in-process loop over 64 px JPEGs 51-52 -> 46-48 us a sample)."""
+    ~5 (in-process loop over 64 px JPEGs 51-52 -> 46-48 us a sample). Pixels the pipeline
+    decoded straight into their place in the batch (`Placed`) are taken as they are."""
     if isinstance(image, np.ndarray):
         # numpy's transpose then `from_numpy` makes the same strided tensor as torch's permute,
         # in half the time (0.6 against 1.4 us)
+        if type(image) is Placed and image.flags.c_contiguous:  # in its place in the batch already
+            return torch.from_numpy(image.view(np.ndarray).transpose(2, 0, 1))
         return torch.from_numpy(np.array(image, order="C").transpose(2, 0, 1))
     image = image if image.mode == "RGB" else image.convert("RGB")
     w, h = image.size
@@ -61,7 +64,7 @@ def images_to_float(batch: dict) -> dict:
     return batch
 
 
-def collate(examples: list[dict]) -> dict:
+def collate(examples: list[dict], blocks: BatchBlocks | None = None) -> dict:
     """`default_collate` field by field, except in two ways.
 
     Images keep the layout they were decoded in: a (C, H, W) view of (H, W, C) pixels, what
@@ -77,7 +80,10 @@ def collate(examples: list[dict]) -> dict:
     which costs the main process a connection to the worker and its authentication handshake,
     and the worker a shared-memory copy of every tensor not made in shared memory (the labels).
     That was ~10% of the loader's throughput (bench/loader.py). Other fields (strings, nested
-    values) go through `default_collate`."""
+    values) go through `default_collate`.
+
+    With `blocks` the batch goes into the block made for it ahead (`BatchBlocks`), and a value
+    already in its place there -- pixels decoded straight into it -- is not copied."""
     columns = {name: [example[name] for example in examples] for name in examples[0]}
     out, views, size = {}, {}, 0
     for name, values in columns.items():
@@ -91,16 +97,85 @@ def collate(examples: list[dict]) -> dict:
             out[name] = None  # filled below, in field order
     if not views:
         return out
-    size = max(size, 1)
-    block = torch.UntypedStorage._new_shared(size) if get_worker_info() is not None else torch.UntypedStorage(size)
+    block = blocks.take(views, size) if blocks is not None else _new_block(size)
+    placed = _placed(block, views, columns)
     for name, (offset, dtype, shape, stride) in views.items():
         view, values = _view(block, offset, dtype, shape, stride), columns[name]
         out[name] = view
-        if isinstance(values[0], torch.Tensor):
-            torch.stack(values, out=view)
+        if name not in placed:
+            (torch.stack(values, out=view) if isinstance(values[0], torch.Tensor)
+             else view.copy_(torch.tensor(values, dtype=dtype)))
         else:
-            view.copy_(torch.tensor(values, dtype=dtype))
+            for i in (i for i, here in enumerate(placed[name]) if not here):
+                view[i].copy_(values[i])
     return out
+
+
+def _new_block(size: int) -> torch.UntypedStorage:
+    size = max(size, 1)
+    return torch.UntypedStorage._new_shared(size) if get_worker_info() is not None else torch.UntypedStorage(size)
+
+
+def _placed(block: torch.UntypedStorage, views: dict, columns: dict) -> dict[str, list[bool]]:
+    """For each tensor field with a value inside `block`: which examples' values are in their
+    place. A value inside the block but elsewhere (a mapper that returned one field's pixels
+    under another name) is copied out first, so that filling the places cannot overwrite it."""
+    start, placed = block.data_ptr(), {}
+    end = start + block.nbytes()
+    for name, (offset, dtype, shape, stride) in views.items():
+        values = columns[name]
+        if not isinstance(values[0], torch.Tensor) or not any(start <= v.data_ptr() < end for v in values):
+            continue
+        step = stride[0] * dtype.itemsize
+        here = [v.data_ptr() == start + offset + i * step and v.stride() == stride[1:] for i, v in enumerate(values)]
+        for i, v in enumerate(values):
+            if not here[i] and start <= v.data_ptr() < end:
+                values[i] = v.clone()
+        placed[name] = here
+    return placed
+
+
+class Placed(np.ndarray):
+    """(H, W, C) pixels in their example's place in the block its batch will be collated into
+    (`BatchBlocks.places`): `to_tensor` takes them as they are and `collate` finds them in place."""
+
+
+class BatchBlocks:
+    """The blocks a pipeline's batches are collated into, each made as its batch starts, laid out
+    as the batch before it, so that an example's JPEG decodes straight into its place in the
+    batch (`Sample(raw, into=blocks.places(i))`): no copy of the pixels into a tensor of their
+    own and then into the batch. A batch of another layout (the last, short one; images that
+    change size) gets a block of its own and is copied as before.
+
+    Pixels placed here are the batch's memory: a mapper that keeps them past its call (a cache)
+    must copy them."""
+
+    def __init__(self):
+        self.layout: tuple | None = None  # (views, size) of the last batch
+        self.block: torch.UntypedStorage | None = None  # made for the next batch from `layout`
+        self.pixels: list[np.ndarray] = []  # per image field: its (B, H, W, C) view of `block`
+
+    def places(self, i: int) -> list[np.ndarray]:
+        """Example i's places for pixels, one per image field of the last batch, in field order."""
+        if self.layout is None:
+            return []
+        if self.block is None:
+            views, size = self.layout
+            self.block = _new_block(size)
+            self.pixels = [_view(self.block, offset, dtype, shape, stride).permute(0, 2, 3, 1).numpy().view(Placed)
+                           for offset, dtype, shape, stride in views.values() if _channels_last(dtype, shape, stride)]
+        return [pixels[i] for pixels in self.pixels if i < len(pixels)]
+
+    def take(self, views: dict, size: int) -> torch.UntypedStorage:
+        """The block for a batch of this layout: the one made ahead if it fits, else a new one."""
+        fits = self.block is not None and self.layout == (views, size)
+        block = self.block if fits else _new_block(size)
+        self.layout, self.block, self.pixels = (views, size), None, []
+        return block
+
+
+def _channels_last(dtype: torch.dtype, shape: tuple, stride: tuple) -> bool:
+    return dtype == torch.uint8 and len(shape) == 4 and stride[1] == 1
 
 
 _ALIGN = 64  # bytes: each tensor of a batch's block starts on a cache line

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kiln.datamodules.decoding import FieldDecodeError, Sample
 from kiln.datamodules.errors import DataError
-from kiln.datamodules.mappers import as_collated, collate, images_to_float
+from kiln.datamodules.mappers import BatchBlocks, as_collated, collate, images_to_float
 from kiln.datamodules.shards import read_manifest
 from kiln.datamodules.tars import tar_samples
 
@@ -339,7 +339,7 @@ class ShardPipeline(IterableDataset):
         seeds = _SampleSeeds(self.seed, self.epoch, self.rank, worker)
         rng = getattr(self.mapper, "rng", None)  # reseeded before each sample from the position after it
         starts = {name: tuple(positions.get(name, (0, 0, 0))) for name in self.sources}
-        batch: list[dict] = []
+        batch, blocks = [], BatchBlocks()  # blocks: each batch's memory, made as it starts (mappers.py)
         if list(self.sources) == [""]:
             # One source, the common case, in one loop over its blocks: the mapper gets a
             # `Sample`, and positions are made only for seeds and at the ends of batches.
@@ -349,13 +349,13 @@ class ShardPipeline(IterableDataset):
                     raw = block[order[i]]
                     if rng is not None:
                         rng.seed(base + i + 1 if i < last else seeds((pass_, end, 0)))
-                    example = self._map(Sample(raw), raw, faults)
+                    example = self._map(Sample(raw, blocks.places(len(batch))), raw, faults)
                     if example is not None:
                         batch.append(example)
                     if len(batch) == self.batch_size:
                         produced += 1
                         positions = {"": _after(block, i, pass_, shard, end)}
-                        yield self._collate(batch, worker, produced, positions, faults)
+                        yield self._collate(batch, worker, produced, positions, faults, blocks)
                         batch = []
                         if produced == quota:
                             return
@@ -372,15 +372,15 @@ class ShardPipeline(IterableDataset):
                 positions = {name: p for name, (_, p) in zip(streams, items)}
                 if len(batch) == self.batch_size:
                     produced += 1
-                    yield self._collate(batch, worker, produced, positions, faults)
+                    yield self._collate(batch, worker, produced, positions, faults, blocks)
                     batch = []
                     if produced == quota:
                         return
         if batch and not self.drop_last:
-            yield self._collate(batch, worker, produced + 1, positions, faults)
+            yield self._collate(batch, worker, produced + 1, positions, faults, blocks)
 
-    def _collate(self, batch: list[dict], worker: int, produced: int, positions: dict, faults: _Faults) -> dict:
-        out = collate(batch)
+    def _collate(self, batch: list, worker: int, produced: int, positions: dict, faults: _Faults, blocks: BatchBlocks) -> dict:
+        out = collate(batch, blocks)
         skipped, reads = faults.take()
         out[INFO] = {"split": self.split, "worker": worker, "produced": produced, "positions": positions,
                      "skipped": skipped, "shards_read": reads}

@@ -2,6 +2,7 @@
 and torch's default_collate: the same values, fields decoded only when read."""
 from __future__ import annotations
 
+import copy
 import io
 import json
 
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader, default_collate
 from webdataset import autodecode
 
 from kiln.datamodules.decoding import FieldDecodeError, Sample
-from kiln.datamodules.mappers import ImageClass, ImageText, images_to_float, to_tensor
+from kiln.datamodules.mappers import ImageClass, ImageText, Placed, images_to_float, to_tensor
 from kiln.datamodules.shards import write_shards
 from kiln.datamodules.webdataset import ShardPipeline, collate
 
@@ -159,3 +160,53 @@ def test_mappers_give_the_same_example_from_pixels_as_from_pil_images(mapper):
             mapper.rng.seed(seed)
             outs.append(mapper(sample))
         assert torch.equal(outs[0]["image"], outs[1]["image"]), seed
+
+
+class _Swapped:
+    """Returns each of two JPEG fields' pixels under the other's name: the pixels decoded into
+    one field's place in the batch belong in the other's."""
+
+    def __call__(self, sample):
+        a, b = sample.image("a.jpg"), sample.image("b.jpg")
+        return {"a": to_tensor(b), "b": to_tensor(a), "key": sample["__key__"]}
+
+
+class _Recording(ImageClass):
+    """ImageClass that notes whether each sample's pixels arrived in their place in the batch."""
+
+    placed: list
+
+    def __call__(self, sample):
+        self.placed.append(type(sample.image("jpg")) is Placed)
+        return super().__call__(sample)
+
+
+class _OddFlipped:
+    """Flips the odd samples' pixels: a batch of placed and copied images."""
+
+    def __call__(self, sample):
+        pixels = sample.image("jpg")
+        return {"image": to_tensor(pixels[:, ::-1] if int(sample["cls"]) % 2 else pixels), "key": sample["__key__"]}
+
+
+@pytest.mark.parametrize("mapper", [_Recording(image_size=16, image_key="jpg"), _OddFlipped(), _Swapped()],
+                         ids=["in place", "some flipped", "fields swapped"])
+def test_jpegs_decoded_into_the_batch_give_the_batches_of_a_separate_decode(tmp_path, mapper):
+    """From its second batch on the pipeline decodes each JPEG straight into the example's place
+    in the batch's memory (`BatchBlocks`); the batches are those of decoding each sample on its own
+    and `default_collate`, also where the mapper flips the pixels or moves them to another field."""
+    samples = [{"__key__": f"s{i}", "jpg": encode(photo(16, seed=i), "JPEG", quality=90), "cls": str(i).encode(),
+                "a.jpg": encode(photo(16, seed=100 + i), "JPEG"), "b.jpg": encode(photo(16, seed=200 + i), "JPEG")}
+               for i in range(11)]
+    write_shards(str(tmp_path), "d", {"train": samples}, shard_size=4, progress=False)
+    mapper.placed = []
+    pipeline = ShardPipeline(str(tmp_path / "train" / "train-{000000..000002}.tar"), mapper, batch_size=3, shuffle=False,
+                             drop_last=False)
+    batches, placed = list(pipeline), mapper.placed
+    assert [len(b["key"]) for b in batches] == [3, 3, 3, 2]
+    for batch in batches:
+        expected = default_collate([mapper(Sample(raw)) for raw in read_samples(batch["key"], samples)])
+        for name, value in expected.items():
+            assert torch.equal(batch[name], value) if isinstance(value, torch.Tensor) else batch[name] == value, name
+    if isinstance(mapper, ImageClass):  # placed from the second batch on, the short last one included
+        assert placed[:11] == [False] * 3 + [True] * 8, placed
