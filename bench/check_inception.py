@@ -1,4 +1,4 @@
-"""One-off check that kiln's FID InceptionV3 (kiln.modules.eval.inception) computes what
+"""One-off check that kiln's FID InceptionV3 (kiln.modules.pretrained.inception) computes what
 pytorch-fid's network computes: same weights, same inputs, pool3 features compared.
 
 A verification script, not a test: it needs pytorch-fid and torchvision, which kiln does not

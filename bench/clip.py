@@ -168,7 +168,7 @@ def configs(batch_size: int) -> dict:
     """The three sides' model configurations, the batch layout and the optimizer, from configs/clip/tiny.yaml."""
     import yaml
 
-    from kiln.modules.clip import tokenizer
+    from kiln.modules.blocks import tokenizer
     from kiln.modules.clip.networks import CLIPConfig
 
     with open(CONFIG, encoding="utf-8") as f:

@@ -108,7 +108,7 @@ def run_bare(spec: dict) -> dict:
     config = _config(spec["model"])
     L.seed_everything(0, verbose=False)  # as `kiln fit` (seed_everything_default=0) before building
     module = _module_from_config(config)
-    L.seed_everything(0, verbose=False)  # kiln's RandomState (trainers/rng.py) re-seeds at setup, after the build
+    L.seed_everything(0, verbose=False)  # kiln's RandomState (trainers/callbacks/rng.py) re-seeds at setup, after the build
     device = torch.device(spec["device"])
     module.to(device).train()
     batch = torch.load(spec["batch"], weights_only=True)
@@ -149,7 +149,7 @@ def run_bare(spec: dict) -> dict:
            "thread_cpu_s": split, "phases": marks.phases(spec["warmup"]), "rusage_per_step": rusage,
            "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
     if _ema_callbacks(config):  # what kiln's EMA callback adds per step, timed alone
-        from kiln.trainers.ema import _local
+        from kiln.trainers.callbacks.ema import _local
 
         network = getattr(module, getattr(module, "ema_target", "model"))
         ema = copy.deepcopy(network).requires_grad_(False)
@@ -308,7 +308,7 @@ def _decompose(stats) -> dict[str, float]:
     backward = sum(v[3] for (f, _, n), v in stats.stats.items() if n.startswith("<method 'run_backward'"))
     adam = sum(v[3] for (f, _, n), v in stats.stats.items()
                if n == "step" and "torch/optim/" in f and "lr_scheduler" not in f)
-    ema = cum("trainers/ema.py", "on_train_batch_end")[0]
+    ema = cum("trainers/callbacks/ema.py", "on_train_batch_end")[0]
     bar = cum("progress/rich_progress.py", "on_train_batch_end")[0]
     parts = {
         "step": step,

@@ -1,5 +1,5 @@
 """Edge maps paired with their images, as in pix2pix's edges2shoes / edges2handbags (Isola et
-al. 2017), drawn by HED (Xie & Tu 2015, `kiln.modules.blocks.hed`) from any WebDataset shards.
+al. 2017), drawn by HED (Xie & Tu 2015, `kiln.modules.pretrained.hed`) from any WebDataset shards.
 
 Layout written by :func:`write_edge_shards` through `kiln.datamodules.shards.write_shards`::
 
@@ -27,7 +27,7 @@ from PIL import Image
 
 from kiln.datamodules.errors import DataError
 from kiln.datamodules.shards import png_bytes, read_manifest, write_shards
-from kiln.modules.blocks.hed import load_hed
+from kiln.modules.pretrained.hed import load_hed
 
 VERSION = 1
 IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm")  # the first present is the image

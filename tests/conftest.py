@@ -107,7 +107,7 @@ def read_metrics(run_dir: Path | str) -> list[dict]:
 
 
 # The EMA callback every small multi-process run carries (decay low enough to move in 6 steps).
-EMA_CALLBACK = "    - class_path: kiln.trainers.ema.EMA\n      init_args: {decay: 0.9}\n"
+EMA_CALLBACK = "    - class_path: kiln.trainers.callbacks.ema.EMA\n      init_args: {decay: 0.9}\n"
 
 
 def small_clip_config(path: Path, emoji_shards: str, steps: int, every: int, clip: float = 0.05) -> Path:
@@ -222,7 +222,7 @@ trainer:
   limit_val_batches: 0
   enable_progress_bar: false
   callbacks:
-    - class_path: kiln.trainers.ema.EMA
+    - class_path: kiln.trainers.callbacks.ema.EMA
       init_args: {{decay: {ema_decay}}}
 wandb:
   mode: disabled

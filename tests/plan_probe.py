@@ -74,8 +74,8 @@ def run_case(case: dict) -> None:
     """One case's training steps (module, EMA and strategy as `kiln fit` builds them)."""
     from lightning.pytorch.strategies import Strategy
 
-    from kiln.trainers.checkpoint import _instantiate
-    from kiln.trainers.plan import load_config
+    from kiln.trainers.checkpoints.checkpoint import _instantiate
+    from kiln.trainers.commands.plan import load_config
     from kiln.trainers.strategies import for_module
 
     config = load_config(case["configs"])

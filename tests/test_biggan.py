@@ -16,8 +16,8 @@ from conftest import kiln, learn_on_digits, tiny_on_digits
 from kiln.modules.biggan.lit_module import BigGANModule
 from kiln.modules.biggan.networks import Generator, orthogonal_regularisation, truncated_normal
 from kiln.modules.blocks.cross_replica_bn import CrossReplicaBatchNorm2d, convert_cross_replica
-from kiln.trainers.ema import attach
-from kiln.trainers.plan import plan
+from kiln.modules.ema import attach
+from kiln.trainers.commands.plan import plan
 
 TINY = dict(num_classes=10, image_size=16, channels=1, ch_g=8, g_channel_mult=[4, 2, 1], g_attention=[8], dim_z=24,
             shared_dim=16, ch_d=8, d_channel_mult=[1, 2, 4], d_downsample=[True, True, False], d_attention=[8])

@@ -7,7 +7,7 @@ import torch
 
 from kiln.modules.clip.loss import clip_loss
 from kiln.modules.clip.networks import CLIP, CLIPConfig, TextConfig, VisionConfig
-from kiln.modules.clip.tokenizer import EOT, PAD, SOT, ByteTokenizer
+from kiln.modules.blocks.tokenizer import EOT, PAD, SOT, ByteTokenizer
 
 
 def tiny() -> CLIP:

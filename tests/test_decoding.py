@@ -2,7 +2,6 @@
 and torch's default_collate: the same values, fields decoded only when read."""
 from __future__ import annotations
 
-import copy
 import io
 import json
 

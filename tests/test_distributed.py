@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import EMA_CALLBACK, REPO, kiln, read_metrics, small_clip_config
-from kiln.trainers.checkpoint import CheckpointError
-from kiln.trainers.sharded import consolidate, consolidate_dcp
+from kiln.trainers.checkpoints.checkpoint import CheckpointError
+from kiln.trainers.checkpoints.sharded import consolidate, consolidate_dcp
 
 N = 3  # steps before the kill; the runs go to 2N
 STRATEGIES = {"ddp": "configs/trainer/ddp.yaml", "fsdp": "configs/trainer/fsdp.yaml", "zero3": "configs/trainer/zero3.yaml"}

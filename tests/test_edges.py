@@ -12,9 +12,9 @@ from PIL import Image, ImageDraw
 from kiln.datamodules.edges import write_edge_shards
 from kiln.datamodules.errors import DataError
 from kiln.datamodules.shards import read_manifest, write_shards
-from kiln.modules.blocks import hed as hed_module
-from kiln.modules.blocks.hed import bundled_weights, load_hed
-from kiln.modules.blocks.vgg import VGG16
+from kiln.modules.pretrained import hed as hed_module
+from kiln.modules.pretrained.hed import bundled_weights, load_hed
+from kiln.modules.pretrained.vgg import VGG16
 
 SIZE = 64
 

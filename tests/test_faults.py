@@ -14,7 +14,7 @@ from kiln.datamodules.errors import DataError
 from kiln.datamodules.mappers import ImageText
 from kiln.datamodules.shards import write_shards
 from kiln.datamodules.webdataset import DataMetrics, ShardPipeline, WebDataModule, expand_urls
-from kiln.trainers.run_dir import JsonlLogger
+from kiln.trainers.callbacks.run_dir import JsonlLogger
 from tests.conftest import read_metrics
 from tests.key_recorder import KeyRecorder
 

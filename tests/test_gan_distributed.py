@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from conftest import REPO, digits_data, ema_and_checkpoints, kiln, read_metrics, write_digits
-from kiln.trainers.sharded import SafeReader, consolidate, read_pointer
+from kiln.trainers.checkpoints.sharded import SafeReader, consolidate, read_pointer
 
 N, K = 4, 2  # steps; the resumed run is killed after K
 # The runs train in float64 (Lightning's DoublePrecision; "64-true" is refused by FSDP2's strategy):
@@ -181,7 +181,7 @@ def test_killed_fsdp2_gan_resumes_to_the_uninterrupted_run(runs, digits, tmp_pat
 
 
 def _dcp(run: Path) -> dict:
-    from kiln.trainers.sharded import consolidate_dcp
+    from kiln.trainers.checkpoints.sharded import consolidate_dcp
 
     _, shards = read_pointer(str(run / "checkpoints" / "last.ckpt"))
     return consolidate_dcp(shards["url"])

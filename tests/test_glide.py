@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import REPO, kiln, learn_on_digits
-from kiln.modules.clip.tokenizer import PAD, ByteTokenizer
+from kiln.modules.blocks.tokenizer import PAD, ByteTokenizer
 from kiln.modules.glide.lit_module import GLIDEModule
-from kiln.trainers.plan import plan
+from kiln.trainers.commands.plan import plan
 
 TINY = dict(image_size=8, channels=1, text={"context_length": 24, "width": 32, "layers": 1, "heads": 2},
             unet={"channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
@@ -78,7 +78,7 @@ def test_upsampler_is_judged_on_real_inputs_beside_bicubic(digits, tmp_path):
     brought down to its input size and scores its output and bicubic upsampling side by side."""
     from kiln.datamodules.mappers import ImageText
     from kiln.datamodules.webdataset import WebDataModule
-    from kiln.trainers.evaluate import evaluate_generative
+    from kiln.trainers.commands.evaluate import evaluate_generative
 
     data = WebDataModule(f"{digits}/train/*.tar", ImageText(image_size=8), val_urls=f"{digits}/test/*.tar",
                          batch_size=16, num_workers=0)
@@ -99,7 +99,7 @@ def test_upsampler_without_a_base_trains_past_the_sample_grid(digits, tmp_path):
 
     from kiln.datamodules.mappers import ImageText
     from kiln.datamodules.webdataset import WebDataModule
-    from kiln.trainers.samples import SampleGrid
+    from kiln.trainers.callbacks.samples import SampleGrid
 
     data = WebDataModule(f"{digits}/train/*.tar", ImageText(image_size=8), batch_size=8, num_workers=0)
     module = GLIDEModule(**{**TINY, "stage": "upsampler", "image_size": 8, "low_res_size": 4, "warmup_steps": 1})
@@ -171,7 +171,7 @@ def test_text_encoder_is_causal_and_pools_the_end_token():
     """As README says kiln's text transformer differs from the released GLIDE's (bidirectional,
     pooled at the last of its 128 positions, padding attended everywhere): attention is causal,
     the pooled vector is the end token's output, and the mask marks padding for the U-Net."""
-    from kiln.modules.clip.tokenizer import EOT
+    from kiln.modules.blocks.tokenizer import EOT
 
     module = _trained_a_little(GLIDEModule(**TINY))
     tokens = module.tokenize(["a handwritten digit 3", "a handwritten digit 7"])

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.modules.eval.extractors import build_extractor
-from kiln.modules.eval.inception import FIDInception, InceptionV3FID
+from kiln.modules.pretrained.inception import FIDInception, InceptionV3FID
 from tests.toy_generator import ClassMeans
 
 
@@ -145,7 +145,7 @@ def test_kiln_eval_takes_it(weights):
     """`kiln eval --extractor inception-v3-fid --extractor-weights PATH` hands these two strings to
     evaluate_generative, which builds the extractor and scores real against generated images on
     its features. Precision/recall only: FID's 2048x2048 eigendecomposition alone takes ~5 s."""
-    from kiln.trainers.evaluate import evaluate_generative
+    from kiln.trainers.commands.evaluate import evaluate_generative
 
     [result] = evaluate_generative([ClassMeans()], _Real(), ["precision_recall"], extractor="inception-v3-fid",
                                    extractor_weights=weights, num_samples=4, batch_size=4)

@@ -13,7 +13,7 @@ from conftest import REPO, kiln, read_metrics
 from kiln.datamodules.builders import write_digits_shards
 from kiln.datamodules.mappers import ImageClass
 from kiln.datamodules.webdataset import WebDataModule
-from kiln.trainers.judging import GenerativeEval
+from kiln.trainers.callbacks.judging import GenerativeEval
 from tests.toy_generator import ClassMeans, TwoStages
 
 
@@ -80,7 +80,7 @@ wandb:
 def test_two_ranks_score_like_one(digits, tmp_path):
     config = _toy_config(tmp_path / "toy.yaml", digits, lr=0.0, batch_size=16, steps=2, callbacks="""
   callbacks:
-    - class_path: kiln.trainers.judging.GenerativeEval
+    - class_path: kiln.trainers.callbacks.judging.GenerativeEval
       init_args: {every_n_steps: 1000, num_samples: 250, extractor: judge-digits, judge: digits}""")
     scores = {}
     for devices in (1, 2):
@@ -134,7 +134,7 @@ def test_fsdp2_ranks_make_the_same_number_of_generation_calls(digits, tmp_path):
     forward is a collective; a rank calling once more waited forever), and the scores are one rank's."""
     config = _toy_config(tmp_path / "toy.yaml", digits, lr=0.0, batch_size=16, steps=2, callbacks="""
   callbacks:
-    - class_path: kiln.trainers.judging.GenerativeEval
+    - class_path: kiln.trainers.callbacks.judging.GenerativeEval
       init_args: {every_n_steps: 1000, num_samples: 201, batch_size: 100, extractor: judge-digits, judge: digits}""")
     Path(config).write_text(Path(config).read_text().replace("tests.toy_generator.ClassMeans",
                                                            "tests.toy_generator.ShardedClassMeans"))

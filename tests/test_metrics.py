@@ -8,7 +8,8 @@ import scipy.linalg
 import torch
 import torch.multiprocessing as mp
 
-from kiln.modules.eval.extractors import EfficientNetLite0, HEDVGG16, build_extractor
+from kiln.modules.eval.extractors import build_extractor
+from kiln.modules.pretrained.extractors import EfficientNetLite0, HEDVGG16
 from kiln.modules.eval.metrics import FidKid
 
 
@@ -103,7 +104,7 @@ def test_offline_extractors_tell_images_apart(cls):
 def test_features_in_chunks_equal_the_whole_batch(monkeypatch):
     """On CPU EfficientNet-Lite0 runs a few images at a time (its activations stay below glibc's
     mmap threshold); the features are the batch's, in order."""
-    from kiln.modules.eval import extractors
+    from kiln.modules.pretrained import extractors
 
     net = EfficientNetLite0()
     images = torch.rand(5, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -10,8 +10,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import kiln
-from kiln.modules.clip.tokenizer import EOT
-from kiln.trainers.plan import GIB, measure, plan
+from kiln.modules.blocks.tokenizer import EOT
+from kiln.trainers.commands.plan import GIB, measure, plan
 
 # PAPER-SIZES.md (open_clip's model profile).
 PAPER = {"vit-b-32": (151.28e6, {"image": 87.85e6, "text": 63.43e6}), "vit-b-16": (149.62e6, {}),
@@ -57,7 +57,7 @@ def test_meta_flops_equal_real_flops():
     import lightning as L
     import yaml
 
-    from kiln.trainers.checkpoint import _instantiate
+    from kiln.trainers.checkpoints.checkpoint import _instantiate
 
     section = yaml.safe_load(open("configs/clip/tiny.yaml"))["model"]
     with torch.device("meta"):

@@ -79,7 +79,7 @@ def measure(cases: list[tuple[str, str, str]], tmp: Path) -> dict[str, dict]:
 
 def estimates(measured: dict[str, dict]) -> dict[str, dict]:
     """plan() of each measured case: 1 node x 2 ranks at the case's micro-batch."""
-    from kiln.trainers.plan import plan
+    from kiln.trainers.commands.plan import plan
 
     out = {}
     for name, m in measured.items():

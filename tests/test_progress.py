@@ -94,6 +94,6 @@ def test_eval_and_sample_report_progress_on_stderr(stylegan_run, tmp_path):
 
 def test_time_left_never_reads_negative():
     """max_time stops a run after the step that crossed it: the last line read '-1 day, 23:59:57 left'."""
-    from kiln.trainers.progress import _clock
+    from kiln.trainers.callbacks.progress import _clock
 
     assert _clock(-3.2) == "0:00:00" and _clock(75) == "0:01:15"

@@ -23,7 +23,7 @@ def rank_quickstart(glide_ckpt: str, clip_ckpt: str) -> dict:
     """What the CLIP reads in the quickstart's grid: the share of samples whose own prompt ranks
     first among the grid's prompts, overall and per prompt."""
     from kiln.modules.eval.metrics import prompt_ranking
-    from kiln.trainers.checkpoint import build_from_checkpoint, load_checkpoint
+    from kiln.trainers.checkpoints.checkpoint import build_from_checkpoint, load_checkpoint
 
     glide, _ = build_from_checkpoint(load_checkpoint(glide_ckpt))
     clip, _ = build_from_checkpoint(load_checkpoint(clip_ckpt))

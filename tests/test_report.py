@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import kiln
-from kiln.trainers.samples import save_grid
+from kiln.trainers.callbacks.samples import save_grid
 
 CHECK = """<script>window.addEventListener('load', () => {
   document.body.dataset.images = JSON.stringify([...document.images].map(

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from kiln.trainers.samples import grid_image
+from kiln.trainers.callbacks.samples import grid_image
 
 
 def test_rows_are_labelled_on_the_left():

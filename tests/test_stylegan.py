@@ -14,7 +14,7 @@ import torch
 from conftest import kiln, learn_on_digits, tiny_on_digits
 from kiln.modules.stylegan.lit_module import StyleGAN2Module, noise_regulariser
 from kiln.modules.stylegan.networks import EqualLinear, Generator, SynthesisLayer, minibatch_stddev, modulated_conv2d
-from kiln.trainers.plan import plan
+from kiln.trainers.commands.plan import plan
 
 TINY = dict(image_size=16, channels=1, z_dim=32, w_dim=32, mapping_layers=2, channel_base=256, channel_max=32,
             r1_gamma=0.05, grid_size=2)

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kiln.modules.clip.lit_module import CLIPModule
-from kiln.trainers.rng import RandomState
+from kiln.trainers.callbacks.rng import RandomState
 from kiln.trainers.strategies import ActivationCheckpointing, Compile
 
 
@@ -114,9 +114,9 @@ def test_fsdp2_mixed_precision_keeps_fp32_master_weights(tmp_path):
 def test_ema_checkpoints_load_and_a_missing_ema_is_named(tmp_path):
     """A checkpoint trained with EMA rebuilds with its `ema` copy; asking one without for EMA fails
     with one clear sentence."""
-    from kiln.trainers.checkpoint import build_from_checkpoint
+    from kiln.trainers.checkpoints.checkpoint import build_from_checkpoint
     from kiln.modules.ema import weights_for_sampling
-    from kiln.trainers.ema import EMA, attach
+    from kiln.trainers.callbacks.ema import EMA, attach
 
     module = _small_clip()
     attach(module)
@@ -149,7 +149,7 @@ class Regression(L.LightningModule):
 def test_ema_averages_once_per_optimizer_step_under_gradient_accumulation(tmp_path, accumulate=4):
     """accumulate_grad_batches=k over batches of B gives the weights and the EMA of one step over
     k * B: one average per optimizer step, not one per micro-batch (decay^k)."""
-    from kiln.trainers.ema import EMA
+    from kiln.trainers.callbacks.ema import EMA
 
     g = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(64, 8, generator=g, dtype=torch.float64),

@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from conftest import kiln
-from kiln.trainers.checkpoint import CheckpointError
-from kiln.trainers.trust import UntrustedConfig, check_config
+from kiln.trainers.checkpoints.checkpoint import CheckpointError
+from kiln.trainers.checkpoints.trust import UntrustedConfig, check_config
 from test_cli_errors import assert_one_line_error
 
 FOREIGN = """\
@@ -38,7 +38,7 @@ CLIP = {
                             "text": {"context_length": 16, "width": 16, "layers": 1, "heads": 2}}},
     "data": {"class_path": "kiln.datamodules.datasets.EmojiDataModule",
              "init_args": {"mapper": {"class_path": "kiln.datamodules.mappers.ImageText", "init_args": {"image_size": 8}}}},
-    "trainer": {"accelerator": "cpu", "callbacks": [{"class_path": "kiln.trainers.ema.EMA"}], "logger": False},
+    "trainer": {"accelerator": "cpu", "callbacks": [{"class_path": "kiln.trainers.callbacks.ema.EMA"}], "logger": False},
 }
 
 # Where a foreign name can hide in a stored config, as jsonargparse would import it.

@@ -11,26 +11,22 @@ residual block); FSDP2 shards each one and activation checkpointing wraps the sa
 family's training may declare more (`for_module` and `FSDP2` read them): `find_unused_parameters`
 (a backward that reaches only part of the model, as a GAN's phases do) and `double_backward`
 (losses that backpropagate through a gradient, as R1 does).
-Sharded strategies write checkpoints through `kiln.trainers.sharded`: shards on any fsspec URL,
+Sharded strategies write checkpoints through `kiln.trainers.checkpoints.sharded`: shards on any fsspec URL,
 a pointer written last and atomically, and nothing unpickled on the way back.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
-import fsspec
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 from torch import nn
 
-from kiln.trainers import sharded
-from kiln.trainers.checkpoint import CheckpointError
+from kiln.trainers.checkpoints import sharded
+from kiln.trainers.checkpoints.deepspeed import WeightsOnlyEngine, local_dir
+from kiln.trainers.checkpoints.files import CheckpointError
 
 
 def shard_units(module: nn.Module) -> tuple[type, ...]:
@@ -308,14 +304,14 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
             config=self.config, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
             model_parameters=[p for p in model.parameters() if p.requires_grad], dist_init_required=False,
         )
-        engine.checkpoint_engine = _WeightsOnlyEngine(engine.checkpoint_engine)
+        engine.checkpoint_engine = WeightsOnlyEngine(engine.checkpoint_engine)
         return engine, ds_optimizer
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any = None) -> None:
         pointer = self.broadcast(str(filepath))
         name, url = self.broadcast(sharded.shard_dir(pointer, checkpoint.get("global_step", 0)))
         rest = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
-        with _local_dir(url, upload=True) as local:
+        with local_dir(url, upload=True) as local:
             self.deepspeed_engine.save_checkpoint(local, client_state={}, tag="checkpoint",
                                                   exclude_frozen_parameters=self.exclude_frozen_parameters)
         self.barrier("kiln.shards_written")
@@ -337,82 +333,12 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
             raise CheckpointError(f"{path} was written by {shards['world_size']} ranks; DeepSpeed reloads it only "
                                   f"on the same number (this run has {self.world_size})")
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
-        with _local_dir(shards["url"], upload=False) as local:
+        with local_dir(shards["url"], upload=False) as local:
             loaded, _ = self.deepspeed_engine.load_checkpoint(
                 local, tag="checkpoint", load_optimizer_states=fitting, load_lr_scheduler_states=False,
                 load_module_strict=self.lightning_module.strict_loading)
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load the shards of {path}")
         return ckpt
-
-
-class _WeightsOnlyEngine:
-    """DeepSpeed's checkpoint engine, reading every file as data (`weights_only=True`)."""
-
-    def __init__(self, inner):
-        self._inner = inner
-
-    def __getattr__(self, name: str):
-        return getattr(self._inner, name)
-
-    def load(self, path: str, map_location=None):
-        return _load_deepspeed_file(path, map_location)
-
-
-def _deepspeed_safe_globals() -> list:
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-def _load_deepspeed_file(path: str, map_location=None) -> Any:
-    import pickle
-
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        try:
-            return torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0]
-            raise CheckpointError(f"refusing to load {path}: it holds more than weights ({first})") from None
-
-
-class _local_dir:
-    """DeepSpeed reads and writes local directories: for a URL, stage through a temporary one."""
-
-    def __init__(self, url: str, upload: bool):
-        self.url, self.upload = url, upload
-        self.fs, self.path = fsspec.core.url_to_fs(url)
-        self.remote = not isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
-
-    def __enter__(self) -> str:
-        if not self.remote:
-            os.makedirs(self.path, exist_ok=True)
-            return self.path
-        self.tmp = tempfile.mkdtemp(prefix="kiln-ds-")
-        if not self.upload:
-            self.fs.get(f"{self.path}/", f"{self.tmp}/", recursive=True)
-        return self.tmp
-
-    def __exit__(self, exc_type, *exc) -> None:
-        if not self.remote:
-            return
-        try:
-            if self.upload and exc_type is None:
-                self.fs.put(f"{self.tmp}/", f"{self.path}/", recursive=True)
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def consolidate_deepspeed(url: str) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from a DeepSpeed ZeRO-2/3 checkpoint directory, in this process."""
-    from deepspeed.utils import zero_to_fp32
-
-    with _local_dir(url, upload=False) as local:
-        for f in Path(local, "checkpoint").glob("*.pt"):
-            _load_deepspeed_file(str(f))  # refuse anything but data before DeepSpeed's own reader
-        state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(local, tag="checkpoint")
-    return {k: v.clone() for k, v in state.items()}
 
 

@@ -1,7 +1,7 @@
 """LightningModule for BigGAN: class-conditional adversarial training on the shared phase
 machinery (`kiln.modules.gan.lit_module`): hinge loss, Adam with beta1 = 0, orthogonal
 regularisation of G added to its loss every step, cross-replica BatchNorm in G when the run has
-more than one rank, and an EMA of G (the `kiln.trainers.ema.EMA` callback) for sampling.
+more than one rank, and an EMA of G (the `kiln.trainers.callbacks.ema.EMA` callback) for sampling.
 
 Sampling uses the truncation trick: latent entries beyond the threshold are redrawn.
 """

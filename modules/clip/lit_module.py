@@ -11,7 +11,7 @@ import torch
 from kiln.modules.clip.evaluation import retrieval_among_candidates, zero_shot
 from kiln.modules.clip.loss import clip_loss
 from kiln.modules.clip.networks import CLIP, CLIPConfig, TextConfig, VisionConfig
-from kiln.modules.clip.tokenizer import ByteTokenizer
+from kiln.modules.blocks.tokenizer import ByteTokenizer
 from kiln.modules.optim import adamw_with_warmup_cosine
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.modules.blocks.transformer import Block, Transformer
-from kiln.modules.clip.tokenizer import EOT, VOCAB_SIZE
+from kiln.modules.blocks.tokenizer import EOT, VOCAB_SIZE
 
 
 @dataclass

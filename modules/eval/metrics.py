@@ -17,7 +17,7 @@ class FidKid(nn.Module):
     polynomial kernel) in one pass over the features.
 
     Args:
-        extractor: a feature network with `name` and `num_features` (kiln.modules.eval.extractors).
+        extractor: a feature network with `name` and `num_features` (kiln.modules.pretrained.extractors).
         kid_subset_size: KID is averaged over `kid_subsets` random subsets of this many samples;
             None uses every sample once (deterministic).
     """

@@ -15,7 +15,7 @@ iteration. A regulariser with interval None is added to its main loss every iter
 One iteration (one batch) is: `d_steps` x (Dmain, Dreg when due), then Gmain, Greg when due
 (D first, as BigGAN trains, so G's step answers the discriminator just updated). Only the Gmain
 step counts as a Lightning step, so `trainer.global_step` (max_steps, checkpoints, EMA) counts
-iterations whatever the number of phases. The EMA of G is the usual `kiln.trainers.ema.EMA`
+iterations whatever the number of phases. The EMA of G is the usual `kiln.trainers.callbacks.ema.EMA`
 callback (`ema_target = "generator"`). Every image the discriminator sees goes through
 `self.augment`: the identity unless a family sets a `kiln.modules.blocks.ada.AdaptiveAugment`
 there, whose probability p the Dmain phases steer from D's outputs on real images (summed over

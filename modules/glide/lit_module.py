@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kiln.modules.blocks.diffusion import GaussianDiffusion, classifier_free_guidance, drop_condition
-from kiln.modules.clip.tokenizer import ByteTokenizer
+from kiln.modules.blocks.tokenizer import ByteTokenizer
 from kiln.modules.glide.networks import GLIDENet, TextConfig
 from kiln.modules.optim import adamw_with_warmup_cosine
 from kiln.modules.ema import weights_for_sampling

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from kiln.modules.blocks.transformer import Block, Transformer
 from kiln.modules.blocks.unet import UNet
-from kiln.modules.clip.tokenizer import PAD
+from kiln.modules.blocks.tokenizer import PAD
 
 
 @dataclass

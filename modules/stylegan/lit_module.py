@@ -10,7 +10,7 @@ phase machinery (`kiln.modules.gan.lit_module`):
            loss = pl_weight * (a - mean)^2, mean a running average (decay 0.01)
 
 lazily, with the lr/beta rescaling; Adam 0.002, betas (0, 0.99). `w_avg` tracks the mean w for the
-truncation trick (w' = w_avg + psi (w - w_avg)); an EMA of G (`kiln.trainers.ema.EMA`) samples.
+truncation trick (w' = w_avg + psi (w - w_avg)); an EMA of G (`kiln.trainers.callbacks.ema.EMA`) samples.
 
 `kiln sample --mode project --input IMG` inverts G (appendix D's projector): w (or w+ with
 `--mode project-w+`) starts at the mean w, the noise maps at random, both optimised by Adam with
@@ -287,8 +287,8 @@ class StyleGAN2Module(AdversarialModule):
         features, squared differences averaged over pixels, summed over layers) with HED's trained trunk."""
         if self.hparams.project_distance == "mse":
             return lambda a, b: (a - b).square().mean(dim=(1, 2, 3))
-        from kiln.modules.blocks.hed import load_hed
-        from kiln.modules.blocks.vgg import caffe_input
+        from kiln.modules.pretrained.hed import load_hed
+        from kiln.modules.pretrained.vgg import caffe_input
 
         vgg = load_hed().vgg.to(self.device).eval().requires_grad_(False)
         layers = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.modules.eval.extractors import _rgb
+from kiln.modules.pretrained.extractors import _rgb
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 

@@ -14,11 +14,10 @@ Sampling and evaluation read `ema` when it exists (`kiln.modules.ema.weights_for
 """
 from __future__ import annotations
 
-import copy
-
 import lightning as L
 import torch
-from torch import nn
+
+from kiln.modules.ema import attach
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -68,16 +67,3 @@ class EMA(L.Callback):
         torch._foreach_lerp_(averages, weights, 1.0 - self.decay_at(step - 1))
         for a, b in zip(pl_module.ema.buffers(), live.buffers()):  # BatchNorm statistics: copied
             _local(a).copy_(_local(b))
-
-
-def attach(pl_module: L.LightningModule, target: str | None = None) -> nn.Module:
-    """Register `pl_module.ema`, a frozen copy of the network to average (once)."""
-    if hasattr(pl_module, "ema"):
-        return pl_module.ema
-    name = target or getattr(pl_module, "ema_target", "model")
-    network = getattr(pl_module, name, None)
-    if not isinstance(network, nn.Module):
-        raise ValueError(f"EMA: {type(pl_module).__name__} has no network '{name}' to average")
-    pl_module.ema = copy.deepcopy(network).requires_grad_(False)
-    pl_module._ema_source = name
-    return pl_module.ema

@@ -32,7 +32,8 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from kiln.trainers.checkpoint import CheckpointError
+from kiln.trainers.checkpoints import deepspeed
+from kiln.trainers.checkpoints.files import CheckpointError, load_checkpoint_dict, write_atomic
 
 SHARDS = "kiln_shards"  # pointer key: {"format": "dcp" | "deepspeed", "dir": relative name, "world_size": W}
 _DCP_CLASSES = [
@@ -50,8 +51,6 @@ def shard_dir(pointer: str, step: int) -> tuple[str, str]:
 
 def write_pointer(pointer: str, checkpoint: dict[str, Any], shards: dict[str, Any], keep: str) -> None:
     """Rank 0, after every rank's shards are written: the pointer, atomically; then old shards go."""
-    from kiln.trainers.run_dir import write_atomic
-
     buffer = io.BytesIO()
     torch.save({**checkpoint, SHARDS: shards}, buffer)
     write_atomic(pointer, buffer.getvalue())
@@ -64,8 +63,6 @@ def write_pointer(pointer: str, checkpoint: dict[str, Any], shards: dict[str, An
 
 def read_pointer(path: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(checkpoint without its shards, shard info or None for a single-file checkpoint)."""
-    from kiln.trainers.checkpoint import load_checkpoint_dict
-
     ckpt = load_checkpoint_dict(path)
     shards = ckpt.pop(SHARDS, None)
     if shards is not None:
@@ -175,32 +172,10 @@ def consolidate(pointer: str) -> dict[str, Any]:
     if shards["format"] == "dcp":
         state = consolidate_dcp(shards["url"])["state_dict"]
     elif shards["format"] == "deepspeed":
-        from kiln.trainers.strategies import consolidate_deepspeed
-
-        state = consolidate_deepspeed(shards["url"])
+        state = deepspeed.consolidate(shards["url"])
     else:
         raise CheckpointError(f"{pointer}: unknown shard format {shards['format']!r}")
     return {**ckpt, "state_dict": state}
-
-
-def main(argv: list[str]) -> None:
-    """kiln consolidate CKPT --out FILE: a sharded checkpoint as one single-file kiln checkpoint
-    (full weights and the run's metadata), readable by `kiln eval`, `kiln sample` and any strategy."""
-    from kiln.launch.args import CommandParser
-
-    parser = CommandParser(prog="kiln consolidate", description=main.__doc__)
-    parser.add_argument("ckpt", help="checkpoint (the pointer file of a sharded one), local path or URL")
-    parser.add_argument("--out", required=True, help="single-file checkpoint to write (local path or URL)")
-    args = parser.parse_args(argv)
-    ckpt = consolidate(args.ckpt)
-    ckpt.pop("optimizer_states", None)
-    from kiln.trainers.run_dir import write_atomic
-
-    buffer = io.BytesIO()
-    torch.save(ckpt, buffer)
-    write_atomic(args.out, buffer.getvalue())
-    n = sum(t.numel() for t in ckpt["state_dict"].values())
-    print(f"kiln consolidate: {args.ckpt} -> {args.out} ({len(ckpt['state_dict'])} tensors, {n:,} numbers)")
 
 
 def as_single_file(pointer: str) -> dict[str, Any]:

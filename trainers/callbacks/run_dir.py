@@ -12,22 +12,15 @@ from __future__ import annotations
 import json
 import os
 from importlib.metadata import version
-from typing import Any
 
 import fsspec
 import lightning as L
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import _atomic_save, get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from kiln.launch.env import global_rank
-
-
-
-def is_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
+from kiln.trainers.checkpoints.files import is_url
 
 
 def wandb_run_id(run_dir: str) -> str:
@@ -44,38 +37,6 @@ def wandb_run_id(run_dir: str) -> str:
         fs.makedirs(os.path.dirname(p), exist_ok=True)
         fs.pipe_file(p, run_id.encode())
     return run_id
-
-
-def write_atomic(url: str, data: bytes | str) -> None:
-    """Write a whole file under a temporary name, then move it into place: readers see the old
-    file or the new one, never half of one (a rename locally, a single PUT on object storage)."""
-    fs, path = fsspec.core.url_to_fs(url)
-    parent = os.path.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    fs.mv(tmp, path)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint under a temporary name and renames it into place, so a crash
-    mid-save leaves the previous `last.ckpt` intact instead of a truncated one."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        fs = get_filesystem(path)
-        path = str(path)
-        fs.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        _atomic_save(checkpoint, tmp)
-        fs.mv(tmp, path)
-
-    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
-        # Read as data only; a sharded checkpoint (FSDP2) is gathered into the single-file layout.
-        from kiln.trainers.sharded import as_single_file
-
-        return as_single_file(str(path))
 
 
 class JsonlLogger(Logger):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from kiln.launch.args import CommandParser
+from kiln.trainers.commands.args import CommandParser
 
 
 def _common(args: argparse.Namespace) -> dict:

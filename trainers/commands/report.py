@@ -22,7 +22,7 @@ from collections import defaultdict
 import fsspec
 import yaml
 
-from kiln.launch.args import CommandParser
+from kiln.trainers.commands.args import CommandParser
 
 
 def read_metrics(run_dir: str) -> dict[str, list[tuple[int, float]]]:
@@ -155,7 +155,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("run_dir", help="a run directory (local path or URL)")
     parser.add_argument("--out", required=True, help="the HTML file to write (local path or URL)")
     args = parser.parse_args(argv)
-    from kiln.trainers.run_dir import write_atomic
+    from kiln.trainers.checkpoints.files import write_atomic
 
     page = render(args.run_dir)
     write_atomic(args.out, page)

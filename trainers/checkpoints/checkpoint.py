@@ -6,47 +6,24 @@ config that `RunDirectory` stamps into every checkpoint, restricted to kiln's ow
 """
 from __future__ import annotations
 
-import pickle
+import os
 from typing import Any
 
-import fsspec
 import lightning as L
-import torch
 import yaml
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _atomic_save, get_filesystem
 from jsonargparse import ArgumentParser
 
 from kiln.modules import loading
-from kiln.trainers.trust import UntrustedConfig, check_config, is_trusted
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, foreign, or from another family."""
-
-
-def load_checkpoint_dict(path: str) -> dict[str, Any]:
-    """Any checkpoint file (single-file, or a sharded checkpoint's pointer), read as data only."""
-    fs, p = fsspec.core.url_to_fs(path)
-    if not fs.exists(p):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if fs.isdir(p):
-        raise CheckpointError(f"{path} is a directory, not a kiln checkpoint (give the .ckpt file beside its shards)")
-    try:
-        with fsspec.open(path, "rb") as f:
-            ckpt = torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"refusing to load {path}: it holds more than weights ({first})") from None
-    except Exception as e:  # noqa: BLE001 - any decoding failure is the same user-facing problem
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(ckpt, dict) or "kiln" not in ckpt:
-        raise CheckpointError(f"{path} is not a kiln checkpoint (no kiln metadata)")
-    return ckpt
+from kiln.modules.ema import attach
+from kiln.trainers.checkpoints.files import CheckpointError, load_checkpoint_dict
+from kiln.trainers.checkpoints.sharded import SHARDS, as_single_file, consolidate
+from kiln.trainers.checkpoints.trust import UntrustedConfig, check_config, is_trusted
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
     """A kiln checkpoint with its full `state_dict`; a sharded one is consolidated in memory."""
-    from kiln.trainers.sharded import SHARDS, consolidate
-
     ckpt = load_checkpoint_dict(path)
     if SHARDS in ckpt:
         ckpt = consolidate(path)
@@ -92,11 +69,27 @@ def build_from_checkpoint(ckpt: dict[str, Any], load_weights: bool = True):
     data = _instantiate(config["data"], L.LightningDataModule) if config.get("data") else None
     if load_weights:
         if any(k.startswith("ema.") for k in ckpt["state_dict"]):  # trained with the EMA callback
-            from kiln.trainers.ema import attach
-
             attach(model)
         model.load_state_dict(ckpt["state_dict"])
     return model, data
+
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint under a temporary name and renames it into place, so a crash
+    mid-save leaves the previous `last.ckpt` intact instead of a truncated one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        fs = get_filesystem(path)
+        path = str(path)
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        _atomic_save(checkpoint, tmp)
+        fs.mv(tmp, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        # Read as data only; a sharded checkpoint (FSDP2) is gathered into the single-file layout.
+        return as_single_file(str(path))
 
 
 # model code (a GLIDE upsampler's base_ckpt) loads checkpoints through this, trust checks included

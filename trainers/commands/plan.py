@@ -22,7 +22,7 @@ each under every precision; bf16 autocast shrinks activations, not these), W ran
             + the largest phase's (gradients + gathered + max(activations, optimizer step))
 
 Why each term, as measured on 2 ranks (tests/test_plan_measured.py):
-- ema: the EMA callback's frozen copy of the averaged network (`kiln.trainers.ema`), sharded
+- ema: the EMA callback's frozen copy of the averaged network (`kiln.trainers.callbacks.ema`), sharded
   like the live weights under ZeRO-3 and FSDP2.
 - gradients sit beside the activations: Lightning's automatic optimisation zeroes them after
   the forward, so the last step's are still held while this one's activations grow; a GAN phase
@@ -60,8 +60,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from kiln.launch.args import CommandParser
-from kiln.trainers.checkpoint import _instantiate
+from kiln.trainers.commands.args import CommandParser
+from kiln.trainers.checkpoints.checkpoint import _instantiate
 from kiln.trainers.strategies import shard_units
 
 GIB = 1024 ** 3

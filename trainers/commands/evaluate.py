@@ -11,9 +11,9 @@ import fsspec
 import lightning as L
 import torch
 
-from kiln.launch.args import CommandParser
-from kiln.trainers.checkpoint import CheckpointError, build_from_checkpoint, family_of, load_checkpoint
-from kiln.trainers.progress import track
+from kiln.trainers.commands.args import CommandParser
+from kiln.trainers.checkpoints.checkpoint import CheckpointError, build_from_checkpoint, family_of, load_checkpoint
+from kiln.trainers.callbacks.progress import track
 
 
 @torch.no_grad()
@@ -57,7 +57,7 @@ def evaluate_generative(models: list, data: L.LightningDataModule, metrics: list
     from kiln.modules.eval.extractors import build_extractor
     from kiln.modules.eval.judge import get_judge
     from kiln.modules.eval.metrics import FidKid, class_spread, inception_score, precision_recall
-    from kiln.trainers.judging import resize_like, stages
+    from kiln.trainers.callbacks.judging import resize_like, stages
 
     net = build_extractor(extractor, extractor_weights)
     judge_net = get_judge(judge) if judge else None

@@ -6,7 +6,7 @@ max-pools between the stages (no pool5: nothing here reads past relu5_3).
 outputs (the last ReLU of each stage, the default), perceptual losses (Johnson et al. 2016:
 relu1_2 .. relu4_3) and Deep Image Analogy (Liao et al. 2017: relu1_1 .. relu5_1). Inputs are
 Caffe-style (BGR, 0-255, mean subtracted: `caffe_input`), as the trained weights that ship
-offline, HED's (`kiln.modules.blocks.hed.load_hed(...).vgg`), expect.
+offline, HED's (`kiln.modules.pretrained.hed.load_hed(...).vgg`), expect.
 """
 from __future__ import annotations
 

@@ -30,10 +30,10 @@ import fsspec
 import torch
 from PIL import Image
 
-from kiln.launch.args import CommandParser
-from kiln.trainers.checkpoint import CheckpointError, build_from_checkpoint, family_of, load_checkpoint
-from kiln.trainers.progress import working
-from kiln.trainers.samples import grid_image
+from kiln.trainers.commands.args import CommandParser
+from kiln.trainers.checkpoints.checkpoint import CheckpointError, build_from_checkpoint, family_of, load_checkpoint
+from kiln.trainers.callbacks.progress import working
+from kiln.trainers.callbacks.samples import grid_image
 
 # option on the command line -> keyword of the family's `generate`
 OPTIONS = {"prompt": "prompts", "class_": "classes", "input": "inputs", "label_map": "label_maps",
