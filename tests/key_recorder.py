@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 
-import lightning as L
 import torch
 
+from kiln.modules.family import Family, Spec
 
-class KeyRecorder(L.LightningModule):
-    family = "key_recorder"
+
+class KeyRecorder(Family):
+    def spec(self) -> Spec:
+        return Spec("key_recorder", generates=False)
 
     def __init__(self, out: str):
         super().__init__()

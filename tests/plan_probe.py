@@ -40,12 +40,12 @@ def synthetic_batch(module, n: int, step: int) -> dict:
     to fill the text context, as `kiln plan` assumes."""
     hp = module.hparams
     g = torch.Generator().manual_seed(step)
-    if module.family == "clip":
+    if module.spec().name == "clip":
         size, channels = hp.vision["image_size"], 3
     else:
         size, channels = hp.image_size, hp.channels
     batch = {"image": torch.rand(n, channels, size, size, generator=g) * 2 - 1}
-    if module.family in ("clip", "glide"):
+    if module.spec().name in ("clip", "glide"):
         batch["caption"] = [f"caption {step} {i} " + "long words " * 40 for i in range(n)]
     else:
         batch["label"] = torch.randint(0, getattr(hp, "num_classes", 10), (n,), generator=g)

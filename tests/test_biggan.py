@@ -130,23 +130,27 @@ def test_truncation_bounds_and_seeds():
     module = _module()
     z = module.latents([1, 2, 3], 0.7)
     assert z.abs().max() <= 0.7 and torch.equal(z[1], module.latents([2], 0.7)[0])
-    one = module.generate(num=2, seed=3, classes=[1, 7], truncation=0.5)
-    assert one.shape == (4, 1, 16, 16) and torch.equal(one, module.generate(num=2, seed=3, classes=[1, 7], truncation=0.5))
-    assert not torch.equal(one, module.generate(num=2, seed=3, classes=[1, 7], truncation=1.5))
-    images, labels = module.generate_for_eval([0, 1, 2, 13], seed=5)
-    alone, label = module.generate_for_eval([13], seed=5)
+    module.hparams.truncation = 0.5  # a sampling setting (Spec.options): what `kiln sample --truncation` sets
+    one = module.generate(num=2, seed=3, classes=[1, 7])
+    assert one.shape == (4, 1, 16, 16) and torch.equal(one, module.generate(num=2, seed=3, classes=[1, 7]))
+    module.hparams.truncation = 1.5
+    assert not torch.equal(one, module.generate(num=2, seed=3, classes=[1, 7]))
+    module.hparams.truncation = None
+    images, labels = module.generate_for_eval([0, 1, 2, 13], seed=5)[""]
+    alone, label = module.generate_for_eval([13], seed=5)[""]
     assert labels.tolist() == [0, 1, 2, 3] and label.tolist() == [3]
     assert torch.allclose(images[3], alone[0], atol=1e-6)
     with pytest.raises(ValueError, match="class 10 is outside"):
         module.generate(classes=[10])
-    grid, nrow, labels = module.sample_grid()
+    grid = module.sample_grid()
+    grid, nrow, labels = grid.images, grid.per_row, grid.labels
     assert grid.shape == (80, 1, 16, 16) and nrow == 8  # 10 classes x grid_per_class
     assert labels == [f"class {c}" for c in range(10)]  # one label per row
 
 
 def test_ema_averages_the_generator():
     module = _module()
-    ema = attach(module)
+    ema = attach(module, module.spec().ema_target)
     assert set(dict(ema.named_parameters())) == set(dict(module.generator.named_parameters()))
 
 

@@ -44,17 +44,19 @@ def test_text_reaches_the_unet_and_padding_does_not():
 
 def test_guidance_seeds_and_deterministic_ddim():
     module = _trained_a_little(GLIDEModule(**TINY))
-    one = module.generate(num=2, seed=3, prompts=["a handwritten digit 3"], sampler="ddim", guidance_scale=3.0)
-    again = module.generate(num=2, seed=3, prompts=["a handwritten digit 3"], sampler="ddim", guidance_scale=3.0)
+    module.hparams.sampler, module.hparams.guidance_scale = "ddim", 3.0  # sampling settings (Spec.options)
+    one = module.generate(num=2, seed=3, prompts=["a handwritten digit 3"])
+    again = module.generate(num=2, seed=3, prompts=["a handwritten digit 3"])
     assert one.shape == (2, 1, 8, 8) and torch.equal(one, again)  # DDIM, eta 0: noise fixes the sample
     assert not torch.equal(one[0], one[1])  # each image its own noise
-    other = module.generate(num=2, seed=4, prompts=["a handwritten digit 3"], sampler="ddim", guidance_scale=3.0)
-    unguided = module.generate(num=2, seed=3, prompts=["a handwritten digit 3"], sampler="ddim", guidance_scale=1.0)
+    other = module.generate(num=2, seed=4, prompts=["a handwritten digit 3"])
+    module.hparams.guidance_scale = 1.0
+    unguided = module.generate(num=2, seed=3, prompts=["a handwritten digit 3"])
     assert not torch.equal(one, other) and not torch.equal(one, unguided)
     # generate_for_eval: sample i depends on (seed, i) only, whatever batch it is drawn in
     module.hparams.eval_prompts = [f"a handwritten digit {d}" for d in range(10)]
-    images, labels = module.generate_for_eval([0, 1, 2, 13], seed=5)
-    alone, label = module.generate_for_eval([13], seed=5)
+    images, labels = module.generate_for_eval([0, 1, 2, 13], seed=5)[""]
+    alone, label = module.generate_for_eval([13], seed=5)[""]
     assert labels.tolist() == [0, 1, 2, 3] and label.tolist() == [3]
     assert torch.allclose(images[3], alone[0], atol=1e-5)
 
@@ -163,7 +165,7 @@ def test_short_run_on_digits_draws_the_named_digit(digits, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(list((tmp_path / "samples").glob("000*-a-handwritten-digit-4.png"))) == 3
     r = kiln("sample", "--ckpt", ckpt, "--class", "4", "--out", str(tmp_path / "samples"))
-    assert r.returncode != 0 and "does not take --class (it takes: --prompt, --input, --guidance-scale, --steps, " \
+    assert r.returncode != 0 and "does not take --class (it takes: --prompt, --guidance-scale, --steps, " \
                                  "--sampler)" in r.stderr, r.stderr
 
 

@@ -94,11 +94,19 @@ def test_two_ranks_score_like_one(digits, tmp_path):
         assert scores[2][key] == pytest.approx(scores[1][key], rel=1e-6, abs=1e-9), key
 
 
-def test_kiln_eval_on_a_generative_checkpoint(digits, tmp_path):
+def test_a_toy_family_in_tests_trains_samples_evaluates_and_plans_through_the_contract(digits, tmp_path):
+    """tests/toy_generator.py is a family like the built ones, with nothing of its own under
+    trainers/: `kiln fit` trains it (and saves its sample grid), `kiln eval` judges it, `kiln
+    sample` draws the classes asked for, and `kiln plan` sizes it, each through `Family` only."""
     config = _toy_config(tmp_path / "toy.yaml", digits, lr=0.05, batch_size=32, steps=40)
     env = {"PYTHONPATH": str(REPO), "KILN_TRUSTED_PACKAGES": "tests"}  # the toy family lives in tests/
     r = kiln("fit", "-c", str(config), "--run_dir", str(tmp_path / "run"), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert list((tmp_path / "run" / "samples").glob("grid-step0000040.png"))
+    r = kiln("plan", "-c", str(config), "--nodes", "1", "--gpus-per-node", "2", "--json", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = json.loads(r.stdout)
+    assert plan["family"] == "toy" and plan["parameters"] == 10 * 8 * 8 and plan["phases"][0]["name"] == "step"
     out = tmp_path / "m.json"
     r = kiln("eval", "--ckpt", str(tmp_path / "run" / "checkpoints" / "last.ckpt"), "--extractor", "judge-digits",
              "--judge", "digits", "--num-samples", "300", "--out", str(out), env=env)

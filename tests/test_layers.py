@@ -38,3 +38,18 @@ def test_a_block_that_imports_a_trainer_breaks_the_layers(tmp_path):
     result = lint(tmp_path)
     assert result.returncode != 0
     assert "kiln.modules.blocks is not allowed to import kiln.trainers" in result.stdout, result.stdout[-3000:]
+
+
+def test_trainers_know_a_family_only_through_its_contract():
+    """No `hasattr`/`getattr` on a family anywhere under trainers/: what a family can do is what
+    its `Spec` declares (kiln.modules.family), not what attributes it happens to have."""
+    import ast
+
+    probes = []
+    for path in sorted((ROOT / "trainers").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr")
+                    and node.args and ast.unparse(node.args[0]) in ("module", "pl_module", "model", "self.model", "child",
+                                                                     "self.lightning_module", "trainer.lightning_module")):
+                probes.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert not probes, "\n".join(probes)

@@ -27,7 +27,8 @@ def rank_quickstart(glide_ckpt: str, clip_ckpt: str) -> dict:
 
     glide, _ = build_from_checkpoint(load_checkpoint(glide_ckpt))
     clip, _ = build_from_checkpoint(load_checkpoint(clip_ckpt))
-    images, per, prompts = glide.eval().sample_grid()
+    grid = glide.eval().sample_grid()
+    images, per, prompts = grid.images, grid.per_row, grid.labels
     clip.eval()
     targets = [i for i in range(len(prompts)) for _ in range(per)]
     result = {"prompt_rank/top1": prompt_ranking(clip, images, targets, prompts), "prompts": len(prompts)}

@@ -110,11 +110,14 @@ def test_truncation_pulls_w_towards_w_avg():
     assert torch.allclose(half - mapping.w_avg, (w - mapping.w_avg) * 0.5, atol=1e-5)
     assert torch.allclose(mapping(z, psi=0.0), mapping.w_avg.expand(64, -1))
     # psi = 0: every seed draws the same image (noise strengths are still 0)
-    images = module.generate(num=3, seed=1, truncation=0.0)
+    module.hparams.truncation = 0.0  # a sampling setting (Spec.options): what `kiln sample --truncation` sets
+    images = module.generate(num=3, seed=1)
     assert torch.allclose(images[0], images[1], atol=1e-6) and torch.allclose(images[0], images[2], atol=1e-6)
-    assert not torch.allclose(module.generate(num=2, seed=1, truncation=1.0)[0], images[0])
+    module.hparams.truncation = 1.0
+    assert not torch.allclose(module.generate(num=2, seed=1)[0], images[0])
+    module.hparams.truncation = -1.0
     with pytest.raises(ValueError, match="truncation psi must be non-negative"):
-        module.generate(truncation=-1.0)
+        module.generate()
 
 
 def test_path_length_matches_an_explicit_jacobian():
@@ -150,10 +153,11 @@ def test_seeds_eval_samples_and_grid():
     module = _module()
     one = module.generate(num=2, seed=3)
     assert one.shape == (2, 1, 16, 16) and torch.equal(one, module.generate(num=2, seed=3))
-    images, labels = module.generate_for_eval([0, 1, 2, 13], seed=5)
-    alone, _ = module.generate_for_eval([13], seed=5)
+    images, labels = module.generate_for_eval([0, 1, 2, 13], seed=5)[""]
+    alone, _ = module.generate_for_eval([13], seed=5)[""]
     assert labels is None and torch.allclose(images[3], alone[0], atol=1e-6)
-    grid, nrow = module.sample_grid()
+    grid = module.sample_grid()
+    grid, nrow = grid.images, grid.per_row
     assert grid.shape == (4, 1, 16, 16) and nrow == 2
     with pytest.raises(ValueError, match="unknown StyleGAN sampling mode 'edit'"):
         module.generate(mode="edit")
@@ -168,10 +172,11 @@ def test_projection_reconstructs_an_image_of_the_generator():
             layer.noise_strength.fill_(0.1)
     target = module.generate(num=1, seed=7)
     start = module.generator.synthesis(module.generator.mapping.w_avg.expand(1, module.generator.num_ws, -1), "none")
-    recon = module.generate(mode="project", inputs=target, steps=150)
+    module.hparams.project_steps = 150
+    recon = module.generate(mode="project", inputs=target)
     before, after = (start - target).square().mean().item(), (recon - target).square().mean().item()
     assert after < before / 4, (before, after)
-    plus = module.generate(mode="project-w+", inputs=target, steps=150)
+    plus = module.generate(mode="project-w+", inputs=target)
     assert (plus - target).square().mean().item() < before / 4
     torch.manual_seed(0)
     noise = [torch.randn(2, 1, 16, 16), torch.randn(2, 1, 8, 8)]

@@ -8,11 +8,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kiln.modules.clip.lit_module import CLIPModule
+from kiln.modules.family import Family, Spec
 from kiln.trainers.callbacks.rng import RandomState
 from kiln.trainers.strategies import ActivationCheckpointing, Compile
 
 
-class Dropout(L.LightningModule):
+class Dropout(Family):
+    def spec(self) -> Spec:
+        return Spec("dropout", generates=False)
+
     def __init__(self):
         super().__init__()
         self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 1))
@@ -81,7 +85,7 @@ def test_block_options_keep_the_maths(tmp_path, option):
         assert len(wrapped) == 4  # every transformer block of both towers
     else:
         assert all(getattr(b, "_compiled_call_impl", None) is not None for b in module.modules()
-                   if isinstance(b, module.shard_units()))
+                   if isinstance(b, module.spec().shard_units))
     assert plain.keys() == changed.keys()
     for k in plain:
         torch.testing.assert_close(changed[k], plain[k], rtol=1e-5, atol=1e-6)
@@ -119,7 +123,7 @@ def test_ema_checkpoints_load_and_a_missing_ema_is_named(tmp_path):
     from kiln.trainers.callbacks.ema import EMA, attach
 
     module = _small_clip()
-    attach(module)
+    attach(module, module.spec().ema_target)
     assert EMA(decay=0.5).decay_at(0) == pytest.approx(0.1)  # warm-up starts at 1/10
     config = "model:\n  class_path: kiln.modules.clip.lit_module.CLIPModule\n  init_args: " + str(
         dict(module.hparams)).replace("'", '"') + "\n"
@@ -132,8 +136,9 @@ def test_ema_checkpoints_load_and_a_missing_ema_is_named(tmp_path):
         weights_for_sampling(plain, use_ema=True)
 
 
-class Regression(L.LightningModule):
-    ema_target = "model"
+class Regression(Family):
+    def spec(self) -> Spec:
+        return Spec("regression", generates=False)
 
     def __init__(self):
         super().__init__()

@@ -6,7 +6,7 @@
     zero2.yaml  DeepSpeed ZeRO-2 (`DeepSpeedZeRO`): optimizer state and gradients sharded
     zero3.yaml  DeepSpeed ZeRO-3: parameters sharded too
 
-Families declare their shard units with `shard_units()` (the transformer block, the U-Net's
+Families declare their shard units in their `Spec` (the transformer block, the U-Net's
 residual block); FSDP2 shards each one and activation checkpointing wraps the same blocks. A
 family's training may declare more (`for_module` and `FSDP2` read them): `find_unused_parameters`
 (a backward that reaches only part of the model, as a GAN's phases do) and `double_backward`
@@ -25,13 +25,13 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelPa
 from torch import nn
 
 from kiln.trainers.checkpoints import sharded
+from kiln.modules.family import Family
 from kiln.trainers.checkpoints.deepspeed import WeightsOnlyEngine, local_dir
 from kiln.trainers.checkpoints.files import CheckpointError
 
 
-def shard_units(module: nn.Module) -> tuple[type, ...]:
-    units = getattr(module, "shard_units", None)
-    return tuple(units()) if callable(units) else ()
+def shard_units(module: Family) -> tuple[type, ...]:
+    return tuple(module.spec().shard_units)
 
 
 def parameter_numel(module: nn.Module) -> tuple[int, int]:
@@ -76,7 +76,7 @@ class ActivationCheckpointing(L.Callback):
 
         units = shard_units(pl_module)
         if not units:
-            raise ValueError(f"activation checkpointing: {type(pl_module).__name__} declares no shard_units()")
+            raise ValueError(f"activation checkpointing: {type(pl_module).__name__} declares no shard_units in its Spec")
         apply_activation_checkpointing(pl_module, checkpoint_wrapper_fn=checkpoint_wrapper,
                                        check_fn=lambda m: isinstance(m, units))
 
@@ -95,7 +95,7 @@ class Compile(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         units = shard_units(pl_module)
         if not units:
-            raise ValueError(f"compile: {type(pl_module).__name__} declares no shard_units()")
+            raise ValueError(f"compile: {type(pl_module).__name__} declares no shard_units in its Spec")
         for sub in pl_module.modules():
             if isinstance(sub, units):
                 sub.compile(backend=self.backend, mode=self.mode)
@@ -105,13 +105,13 @@ class Compile(L.Callback):
 _DDP_NAMES = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}
 
 
-def for_module(strategy: Any, module: type | nn.Module, accelerator: Any = "auto", devices: Any = "auto",
+def for_module(strategy: Any, module: Family, accelerator: Any = "auto", devices: Any = "auto",
                num_nodes: int = 1) -> Any:
     """The Trainer's `strategy` for this family: a DDP strategy given by name (or "auto" where
     Lightning would pick DDP) is built with what the family declares (`find_unused_parameters`);
     anything else is returned as it is (a strategy built from a config's class_path keeps the
     settings written there)."""
-    if not getattr(module, "find_unused_parameters", False) or not isinstance(strategy, str):
+    if not module.spec().find_unused_parameters or not isinstance(strategy, str):
         return strategy
     if strategy == "auto" and _processes(accelerator, devices, num_nodes) > 1:
         strategy = "ddp"
@@ -183,7 +183,7 @@ class FSDP2(ModelParallelStrategy):
 
         units = shard_units(module)
         if not units:
-            raise ValueError(f"FSDP2: {type(module).__name__} declares no shard_units()")
+            raise ValueError(f"FSDP2: {type(module).__name__} declares no shard_units in its Spec")
         policy = MixedPrecisionPolicy(param_dtype=_dtype(self.param_dtype), reduce_dtype=_dtype(self.reduce_dtype))
         kwargs = {"mesh": self.device_mesh["data_parallel"], "mp_policy": policy,
                   "reshard_after_forward": self.reshard_after_forward}
@@ -191,19 +191,18 @@ class FSDP2(ModelParallelStrategy):
             if isinstance(sub, units):
                 fully_shard(sub, **kwargs)
         # What is left (embeddings, norms, heads): one unit per network a family runs on its own
-        # (`components()`: a GAN calls its generator and discriminator, never the pair), then one
-        # per top-level child for whatever those leave. A unit gathers its weights only when its
-        # own forward runs, so a network called on its own needs its own unit.
-        for child in module.children():
-            networks = child.components().values() if callable(getattr(child, "components", None)) else ()
-            for net in (*networks, child):
-                if any(not isinstance(p, DTensor) for p in net.parameters()):
-                    fully_shard(net, **kwargs)
+        # (`Spec.components`: a GAN calls its generator and discriminator, never the pair), then
+        # one per top-level child for whatever those leave. A unit gathers its weights only when
+        # its own forward runs, so a network called on its own needs its own unit.
+        spec = module.spec()
+        for net in (*(module.component(name) for name in spec.components), *module.children()):
+            if any(not isinstance(p, DTensor) for p in net.parameters()):
+                fully_shard(net, **kwargs)
         # A backward through a gradient (create_graph) reuses the weights the first backward
         # gathered: FSDP2 must not free them when that first backward ends (pytorch#172543). They
         # are let go after each outer backward instead (`post_backward`), before any optimizer step.
         self._keep_gathered = []
-        if getattr(module, "double_backward", False):
+        if spec.double_backward:
             self._keep_gathered = [m for m in module.modules() if isinstance(m, FSDPModule)]
             for unit in self._keep_gathered:
                 unit.set_reshard_after_backward(False, recurse=False)

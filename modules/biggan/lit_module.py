@@ -17,6 +17,7 @@ from kiln.modules.biggan.networks import Discriminator, Generator, orthogonal_re
 from kiln.modules.gan.lit_module import AdversarialModule, GANPair, GanLoss
 from kiln.modules.blocks.cross_replica_bn import convert_cross_replica
 from kiln.modules.ema import weights_for_sampling
+from kiln.modules.family import Generated, Grid, Spec
 
 
 class BigGANModule(AdversarialModule):
@@ -37,8 +38,6 @@ class BigGANModule(AdversarialModule):
         loss, lr_g, lr_d, betas_g, betas_d, eps, d_steps: as `AdversarialModule` (the paper:
             hinge, 5e-5 / 2e-4, (0, 0.999), 2 D steps per G step).
     """
-
-    family = "biggan"
 
     def __init__(
         self,
@@ -93,12 +92,14 @@ class BigGANModule(AdversarialModule):
             raise ValueError(f"class {bad[0]} is outside [0, {num_classes})")
 
     # -- declared to trainers/ -------------------------------------------------------------------
+    def spec(self) -> Spec:
+        return self.gan_spec("biggan", conditions=("classes",), options={"truncation": "truncation"})
+
     def plan_inputs(self, batch_size: int) -> tuple[Tensor, Tensor]:
         z = torch.zeros(batch_size, self.hparams.dim_z, device=self.device)
         return z, torch.zeros(batch_size, dtype=torch.long, device=self.device)
 
     def plan_batch(self, batch_size: int) -> dict[str, Tensor]:
-        """A training batch as the data module hands it over (`kiln plan` runs the phases on it)."""
         hp = self.hparams
         return {"image": torch.zeros(batch_size, hp.channels, hp.image_size, hp.image_size, device=self.device),
                 "label": torch.zeros(batch_size, dtype=torch.long, device=self.device)}
@@ -142,8 +143,8 @@ class BigGANModule(AdversarialModule):
                             for s in seeds]).to(self.device, self.dtype)
 
     @torch.no_grad()
-    def sample(self, labels: Tensor, seeds: list[int], truncation: float | None) -> Tensor:
-        net = weights_for_sampling(self, getattr(self, "sample_with_ema", None))
+    def sample(self, labels: Tensor, seeds: list[int], truncation: float | None, use_ema: bool | None = None) -> Tensor:
+        net = weights_for_sampling(self, use_ema)
         was_training = net.training
         net.eval()  # BatchNorm's running statistics, and no power iteration in spectral norm
         images = net(self.latents(seeds, truncation), labels.to(self.device))
@@ -151,11 +152,11 @@ class BigGANModule(AdversarialModule):
         return images
 
     @torch.no_grad()
-    def generate(self, num: int = 1, seed: int = 0, classes: list[int] | None = None,
-                 truncation: float | None = None) -> Tensor:
+    def generate(self, num: int = 1, seed: int = 0, *, use_ema: bool | None = None,
+                 classes: list[int] | None = None) -> Tensor:
         """`kiln sample`: `num` images of each class in `classes` (no classes: `num` images going
-        through the classes in turn)."""
-        n = self.hparams.num_classes
+        through the classes in turn), at the configured truncation."""
+        n, truncation = self.hparams.num_classes, self.hparams.truncation
         if truncation is not None and not truncation > 0:
             raise ValueError(f"--truncation must be positive, got {truncation}")
         if classes is None:
@@ -164,19 +165,21 @@ class BigGANModule(AdversarialModule):
             self._check_classes(list(classes), n)
             labels = torch.tensor([c for c in classes for _ in range(num)])
         seeds = [seed * 1_000_003 + i for i in range(len(labels))]
-        return self.sample(labels, seeds, self.hparams.truncation if truncation is None else truncation)
+        return self.sample(labels, seeds, truncation, use_ema)
 
     @torch.no_grad()
-    def generate_for_eval(self, indices: list[int], seed: int) -> tuple[Tensor, Tensor]:
+    def generate_for_eval(self, indices: list[int], seed: int, *, use_ema: bool | None = None) -> Generated:
         """Sample i: class i mod num_classes, latent from (seed, i) only, at the configured truncation."""
         labels = torch.tensor([i % self.hparams.num_classes for i in indices])
-        return self.sample(labels, [seed * 1_000_003 + i for i in indices], self.hparams.truncation).cpu(), labels
+        images = self.sample(labels, [seed * 1_000_003 + i for i in indices], self.hparams.truncation, use_ema)
+        return {"": (images.cpu(), labels)}
 
     @torch.no_grad()
-    def sample_grid(self) -> tuple[Tensor, int, list[str]]:
+    def sample_grid(self, *, use_ema: bool | None = None) -> Grid:
         """`grid_classes` x `grid_per_class`, fixed noise, a row per class labelled with its
         index (the SampleGrid callback)."""
         hp = self.hparams
         # hparams hold the argument as given (None under the CLI): every class, as documented
         classes = list(range(hp.num_classes)) if hp.grid_classes is None else list(hp.grid_classes)
-        return self.generate(hp.grid_per_class, 0, classes), hp.grid_per_class, [f"class {c}" for c in classes]
+        return Grid(self.generate(hp.grid_per_class, 0, classes=classes, use_ema=use_ema), hp.grid_per_class,
+                    [f"class {c}" for c in classes])

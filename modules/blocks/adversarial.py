@@ -60,6 +60,3 @@ class GANPair(nn.Module):
     def forward(self, *generator_inputs: Tensor) -> Tensor:
         images = self.generator(*generator_inputs)
         return self.discriminator(images, *generator_inputs[1:])
-
-    def components(self) -> dict[str, nn.Module]:
-        return {"generator": self.generator, "discriminator": self.discriminator}

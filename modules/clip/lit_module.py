@@ -5,17 +5,17 @@ from __future__ import annotations
 import math
 from dataclasses import asdict
 
-import lightning as L
 import torch
 
 from kiln.modules.clip.evaluation import retrieval_among_candidates, zero_shot
 from kiln.modules.clip.loss import clip_loss
 from kiln.modules.clip.networks import CLIP, CLIPConfig, TextConfig, VisionConfig
 from kiln.modules.blocks.tokenizer import ByteTokenizer
+from kiln.modules.family import Family, Spec
 from kiln.modules.optim import adamw_with_warmup_cosine
 
 
-class CLIPModule(L.LightningModule):
+class CLIPModule(Family):
     """CLIP (Radford et al. 2021) trained with the symmetric InfoNCE loss.
 
     Args:
@@ -26,8 +26,6 @@ class CLIPModule(L.LightningModule):
         max_logit_scale: the temperature is clamped to 1/100 as in the paper.
         retrieval_candidates: held-out retrieval is top-1 among this many random pairs.
     """
-
-    family = "clip"
 
     def __init__(
         self,
@@ -55,8 +53,9 @@ class CLIPModule(L.LightningModule):
         self.tokenizer = ByteTokenizer(text.context_length)
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def shard_units(self) -> tuple[type, ...]:
-        return self.model.shard_units
+    def spec(self) -> Spec:
+        return Spec("clip", components={"image": "model.visual", "text": "model.text"},
+                    shard_units=tuple(self.model.shard_units), generates=False, evaluation="retrieval")
 
     def plan_inputs(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs of `self.model` for a batch (on the module's device; `kiln plan` uses meta)."""

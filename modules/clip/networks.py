@@ -148,6 +148,3 @@ class CLIP(nn.Module):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         # A fresh scalar, not a view of the parameter (FSDP2 hooks need outputs that are not views).
         return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp().sum()
-
-    def components(self) -> dict[str, nn.Module]:
-        return {"image": self.visual, "text": self.text}

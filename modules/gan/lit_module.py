@@ -35,7 +35,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Literal
 
-import lightning as L
 import torch
 from torch import Tensor, nn
 
@@ -48,6 +47,7 @@ from kiln.modules.blocks.adversarial import (
     lazy_rescale,
     r1_penalty,
 )
+from kiln.modules.family import Family, PlanPhase, Spec
 
 __all__ = ["AdversarialModule", "GANPair", "GanLoss", "Phase"]
 
@@ -66,7 +66,7 @@ class Phase:
     interval: int = 1
 
 
-class AdversarialModule(L.LightningModule):
+class AdversarialModule(Family):
     """Base class of the GAN families. A family builds `self.model = GANPair(G, D)` and defines:
 
         real(batch) -> (images, condition)          what D sees as real (condition: labels, an input image, or None)
@@ -83,11 +83,6 @@ class AdversarialModule(L.LightningModule):
             the main phase, no rescaling).
         d_steps: discriminator steps per generator step, each on its own share of the batch.
     """
-
-    ema_target = "generator"
-    # Declared to kiln.trainers.strategies: each phase's backward reaches one network only, so DDP
-    # must look for parameters without gradients (else it waits for them and fails at the next step).
-    find_unused_parameters = True
 
     def __init__(self, loss: GanLoss = "hinge", lr_g: float = 2e-4, lr_d: float = 2e-4,
                  betas_g: tuple[float, float] = (0.0, 0.999), betas_d: tuple[float, float] = (0.0, 0.999),
@@ -118,14 +113,40 @@ class AdversarialModule(L.LightningModule):
     def discriminator(self) -> nn.Module:
         return self.model.discriminator
 
-    def shard_units(self) -> tuple[type, ...]:
-        return (*getattr(self.generator, "shard_units", ()), *getattr(self.discriminator, "shard_units", ()))
+    def gan_spec(self, name: str, **declared) -> Spec:
+        """What every GAN family declares, with `declared` added or overridden: its two networks,
+        the EMA of G, each phase's backward reaching one network only (DDP must look for
+        parameters without gradients, else it waits for them and fails at the next step), R1
+        backpropagating through a gradient (create_graph: FSDP2 keeps the weights it gathered
+        until the outer backward has run), and an optimizer per network."""
+        units = (*getattr(self.generator, "shard_units", ()), *getattr(self.discriminator, "shard_units", ()))
+        return Spec(name, **{
+            "components": {"generator": "model.generator", "discriminator": "model.discriminator"},
+            "ema_target": "model.generator", "shard_units": units, "find_unused_parameters": True,
+            "double_backward": self.r1_gamma > 0, "optimizers": 2, **declared})
 
-    @property
-    def double_backward(self) -> bool:
-        """Declared to kiln.trainers.strategies: R1 backpropagates through a gradient (create_graph),
-        so FSDP2 must keep the weights it gathered until the outer backward has run."""
-        return self.r1_gamma > 0
+    def plan_batch(self, batch_size: int) -> dict[str, Tensor]:
+        """A training batch as the data module hands it over, on the module's device (`kiln plan`
+        runs the phases on it, on the meta device)."""
+        raise NotImplementedError
+
+    def plan_phases(self, batch_size: int) -> list[PlanPhase]:
+        """Each phase as training runs it, on `plan_batch`. ADA's pipeline is left out: it decides
+        on p's value, which a meta tensor does not have (a few image-sized tensors, small next to
+        D's activations); `kiln plan` builds a module of its own."""
+        self.augment = nn.Identity()
+        batch, out = self.plan_batch(batch_size), []
+        run = {"Dmain": self.d_main, "Dreg": self.d_reg, "Gmain": self.g_main, "Greg": self.g_reg}
+        for phase in self.phases():
+            share = _split(batch, self.d_steps)[0] if phase.network == "discriminator" else batch
+
+            def step(phase: Phase = phase, share: dict = share) -> None:
+                (run[phase.name](share)["loss"] * phase.interval).backward()
+
+            # G main runs through D too; D main runs G without gradients, its weights gathered all the same.
+            through = ("model",) if phase.name in ("Gmain", "Dmain") else (f"model.{phase.network}",)
+            out.append(PlanPhase(phase.name, f"model.{phase.network}", through, step))
+        return out
 
     # -- what a family defines -------------------------------------------------------------------
     def real(self, batch: dict) -> tuple[Tensor, Tensor | None]:

@@ -9,13 +9,13 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Literal
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from kiln.modules.blocks.diffusion import GaussianDiffusion, classifier_free_guidance, drop_condition
 from kiln.modules.blocks.tokenizer import ByteTokenizer
+from kiln.modules.family import Family, Generated, Grid, Spec
 from kiln.modules.glide.networks import GLIDENet, TextConfig
 from kiln.modules.optim import adamw_with_warmup_cosine
 from kiln.modules.ema import weights_for_sampling
@@ -27,7 +27,7 @@ def _noise(shape: tuple[int, ...], seeds: list[int]) -> Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
-class GLIDEModule(L.LightningModule):
+class GLIDEModule(Family):
     """GLIDE, one stage.
 
     Args:
@@ -47,9 +47,6 @@ class GLIDEModule(L.LightningModule):
             class i mod len(eval_prompts)).
         base_ckpt: (upsampler) the base model's checkpoint, to sample and judge the whole cascade.
     """
-
-    family = "glide"
-    ema_target = "model"
 
     def __init__(
         self,
@@ -101,8 +98,14 @@ class GLIDEModule(L.LightningModule):
         self._base: GLIDEModule | None = None
 
     # -- declared to trainers/ -------------------------------------------------------------------
-    def shard_units(self) -> tuple[type, ...]:
-        return self.model.shard_units
+    def spec(self) -> Spec:
+        upsampler = self.hparams.stage == "upsampler"
+        return Spec("glide", components={"text": "model.text", "unet": "model.unet"},
+                    shard_units=tuple(self.model.shard_units),
+                    conditions=("prompts", "inputs") if upsampler else ("prompts",),
+                    options={"guidance_scale": "guidance_scale", "sampler": "sampler", "steps": "sample_steps"},
+                    stages=("base", "upsampled") if upsampler and self.hparams.base_ckpt else ("",),
+                    upsamples=upsampler)
 
     def plan_inputs(self, batch_size: int) -> tuple[Tensor, ...]:
         hp, device = self.hparams, self.device
@@ -155,10 +158,11 @@ class GLIDEModule(L.LightningModule):
     # -- sampling --------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, prompts: list[str], noise: Tensor, *, low_res: Tensor | None = None,
-               guidance_scale: float | None = None, steps: int | None = None, sampler: str | None = None) -> Tensor:
+               guidance_scale: float | None = None, steps: int | None = None, sampler: str | None = None,
+               use_ema: bool | None = None) -> Tensor:
         """Images in [-1, 1] for `prompts` from `noise` (N, C, H, W); `low_res` (upsampler) at any size."""
         hp = self.hparams
-        net = weights_for_sampling(self, getattr(self, "sample_with_ema", None))
+        net = weights_for_sampling(self, use_ema)
         scale = hp.guidance_scale if guidance_scale is None else guidance_scale
         if hp.stage == "upsampler":
             if low_res is None:
@@ -178,9 +182,8 @@ class GLIDEModule(L.LightningModule):
             if not self.hparams.base_ckpt:
                 raise ValueError("this GLIDE upsampler names no base_ckpt: give it input images instead")
             base = load_module(self.hparams.base_ckpt)
-            if getattr(base, "family", None) != "glide" or base.hparams.stage != "base":
+            if not isinstance(base, GLIDEModule) or base.hparams.stage != "base":
                 raise ValueError(f"base_ckpt {self.hparams.base_ckpt} is not a GLIDE base-stage checkpoint")
-            base.sample_with_ema = getattr(self, "sample_with_ema", None)
             # Not a submodule: the base stays out of this stage's state dict, optimiser and EMA.
             object.__setattr__(self, "_base", base.eval().to(self.device))
         return self._base
@@ -189,11 +192,10 @@ class GLIDEModule(L.LightningModule):
         return self.hparams.channels, self.hparams.image_size, self.hparams.image_size
 
     @torch.no_grad()
-    def generate(self, num: int = 1, seed: int = 0, prompts: list[str] | None = None, inputs: Tensor | None = None,
-                 guidance_scale: float | None = None, steps: int | None = None,
-                 sampler: str | None = None) -> Tensor | dict[str, Tensor]:
+    def generate(self, num: int = 1, seed: int = 0, *, use_ema: bool | None = None, prompts: list[str] | None = None,
+                 inputs: Tensor | None = None) -> Tensor | dict[str, Tensor]:
         """`kiln sample`: `num` images per prompt (or per input image, for the upsampler)."""
-        options = {"guidance_scale": guidance_scale, "steps": steps, "sampler": sampler}
+        options = {"use_ema": use_ema}
         if self.hparams.stage == "base":
             if inputs is not None:
                 raise ValueError("the GLIDE base model draws from text only: --input is for the upsampler")
@@ -207,13 +209,13 @@ class GLIDEModule(L.LightningModule):
                 raise ValueError(f"{len(prompts) // num} prompts for {len(inputs) // num} input images: give one per image")
             noise = _noise(self._shape(), [seed * 1_000_003 + i for i in range(len(prompts))])
             return self.sample(prompts, noise, low_res=inputs, **options)
-        low = self.base().generate(num, seed, prompts, **options)
+        low = self.base().generate(num, seed, prompts=prompts, **options)
         prompts = [p for p in (prompts or [""]) for _ in range(num)]
         noise = _noise(self._shape(), [seed * 1_000_003 + i + 500_009 for i in range(len(prompts))])
         return {"base": low, "upsampled": self.sample(prompts, noise, low_res=low, **options)}
 
     @torch.no_grad()
-    def generate_for_eval(self, indices: list[int], seed: int):
+    def generate_for_eval(self, indices: list[int], seed: int, *, use_ema: bool | None = None) -> Generated:
         """Sample i: class i mod len(eval_prompts), noise from (seed, i) only. The upsampler with a
         base checkpoint returns both stages."""
         prompts_by_class = self.hparams.eval_prompts or [""]
@@ -221,29 +223,32 @@ class GLIDEModule(L.LightningModule):
         prompts = [prompts_by_class[y] for y in labels]
         labels = labels if self.hparams.eval_prompts else None
         if self.hparams.stage == "base":
-            return self.sample(prompts, _noise(self._shape(), [seed * 1_000_003 + i for i in indices])), labels
+            return {"": (self.sample(prompts, _noise(self._shape(), [seed * 1_000_003 + i for i in indices]),
+                                     use_ema=use_ema), labels)}
         base = self.base()
-        low = base.sample(prompts, _noise(base._shape(), [seed * 1_000_003 + i for i in indices]))
+        low = base.sample(prompts, _noise(base._shape(), [seed * 1_000_003 + i for i in indices]), use_ema=use_ema)
         high = self.sample(prompts, _noise(self._shape(), [seed * 1_000_003 + i + 500_009 for i in indices]),
-                           low_res=low)
+                           low_res=low, use_ema=use_ema)
         return {"base": (low, labels), "upsampled": (high, labels)}
 
     @torch.no_grad()
-    def super_resolution(self, images: Tensor, prompts: list[str], seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    def super_resolution(self, images: Tensor, prompts: list[str], seed: int = 0, *,
+                         use_ema: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Real images -> (the real images at the output size, the upsampler's output from their
         downsampled version, bicubic upsampling of that same input): the upsampler's judging."""
         real = self._images(images.to(self.device))
         low = self.low_res(real)
-        out = self.sample(prompts, _noise(self._shape(), [seed * 1_000_003 + i for i in range(len(real))]), low_res=low)
+        out = self.sample(prompts, _noise(self._shape(), [seed * 1_000_003 + i for i in range(len(real))]), low_res=low,
+                          use_ema=use_ema)
         return real, out, self.upsampled(low)
 
     @torch.no_grad()
-    def sample_grid(self) -> tuple[Tensor, int, list[str]] | None:
+    def sample_grid(self, *, use_ema: bool | None = None) -> Grid | None:
         """The configured prompts, `grid_per_prompt` images each, fixed noise, a row per prompt
         labelled with it (the SampleGrid callback)."""
         hp = self.hparams
         if not hp.grid_prompts or (hp.stage == "upsampler" and not hp.base_ckpt):
             return None
-        out = self.generate(hp.grid_per_prompt, 0, hp.grid_prompts)
+        out = self.generate(hp.grid_per_prompt, 0, prompts=hp.grid_prompts, use_ema=use_ema)
         images = out["upsampled"] if isinstance(out, dict) else out
-        return images, hp.grid_per_prompt, list(hp.grid_prompts)
+        return Grid(images, hp.grid_per_prompt, list(hp.grid_prompts))

@@ -77,6 +77,3 @@ class GLIDENet(nn.Module):
                 raise ValueError("the GLIDE upsampler needs the low-resolution image")
             x = torch.cat([x, low_res.to(x.dtype)], dim=1)
         return self.unet(x, t, context=context, context_mask=mask, pooled=pooled)
-
-    def components(self) -> dict[str, nn.Module]:
-        return {"text": self.text, "unet": self.unet}

@@ -31,6 +31,7 @@ from kiln.modules.blocks.ada import PRESETS, AdaptiveAugment
 from kiln.modules.gan.lit_module import AdversarialModule, GANPair, _size
 from kiln.modules.stylegan.networks import Discriminator, Generator
 from kiln.modules.ema import weights_for_sampling
+from kiln.modules.family import Generated, Grid, Spec
 
 MODES = ("sample", "project", "project-w+")
 SEED_STRIDE = 1_000_003  # sample i of seed s draws from seed s * stride + i
@@ -61,8 +62,6 @@ class StyleGAN2Module(AdversarialModule):
         grid_size: sample grids are grid_size x grid_size, fixed seeds.
         loss, lr_g, lr_d, betas_g, betas_d, eps, d_steps: as `AdversarialModule`.
     """
-
-    family = "stylegan"
 
     def __init__(
         self,
@@ -133,11 +132,16 @@ class StyleGAN2Module(AdversarialModule):
             raise ValueError(f"truncation psi must be non-negative (1: none), got {psi}")
 
     # -- declared to trainers/ -------------------------------------------------------------------
+    def spec(self) -> Spec:
+        # path length backpropagates through J^T y, as R1 through D's gradient
+        return self.gan_spec("stylegan", conditions=("inputs",), modes=MODES,
+                             options={"truncation": "truncation", "steps": "project_steps"},
+                             double_backward=self.r1_gamma > 0 or self.has_generator_regulariser())
+
     def plan_inputs(self, batch_size: int) -> tuple[Tensor]:
         return (torch.zeros(batch_size, self.hparams.z_dim, device=self.device),)
 
     def plan_batch(self, batch_size: int) -> dict[str, Tensor]:
-        """A training batch as the data module hands it over (`kiln plan` runs the phases on it)."""
         hp = self.hparams
         return {"image": torch.zeros(batch_size, hp.channels, hp.image_size, hp.image_size, device=self.device)}
 
@@ -182,10 +186,6 @@ class StyleGAN2Module(AdversarialModule):
     def has_generator_regulariser(self) -> bool:
         return self.hparams.pl_weight > 0
 
-    @property
-    def double_backward(self) -> bool:
-        return super().double_backward or self.has_generator_regulariser()  # path length: through J^T y
-
     def path_length(self, batch: dict) -> tuple[Tensor, Tensor]:
         """(pl_weight * mean (a - running mean)^2, the lengths a); updates the running mean."""
         n = max(1, _size(batch) // self.hparams.pl_batch_shrink)
@@ -219,38 +219,39 @@ class StyleGAN2Module(AdversarialModule):
         return torch.stack(zs).to(self.device, self.dtype), [torch.stack(n).to(self.device, self.dtype) for n in noises]
 
     @torch.no_grad()
-    def sample(self, seeds: list[int], psi: float) -> Tensor:
-        net = weights_for_sampling(self, getattr(self, "sample_with_ema", None))
+    def sample(self, seeds: list[int], psi: float, use_ema: bool | None = None) -> Tensor:
+        net = weights_for_sampling(self, use_ema)
         z, noise = self.latents(seeds)
         return net(z, psi, noise)
 
-    def generate(self, num: int = 1, seed: int = 0, truncation: float | None = None, mode: str | None = None,
-                 inputs: Tensor | None = None, steps: int | None = None) -> Tensor:
-        """`kiln sample`: `num` images at truncation psi (mode "sample"), or, with --mode project /
-        project-w+ and --input images, G's reconstruction of each input (`steps` optimiser steps)."""
+    def generate(self, num: int = 1, seed: int = 0, *, use_ema: bool | None = None, mode: str | None = None,
+                 inputs: Tensor | None = None) -> Tensor:
+        """`kiln sample`: `num` images at the configured truncation psi (mode "sample"), or, with
+        --mode project / project-w+ and --input images, G's reconstruction of each input
+        (`project_steps` optimiser steps)."""
         mode = mode or ("project" if inputs is not None else "sample")
         if mode not in MODES:
             raise ValueError(f"unknown StyleGAN sampling mode {mode!r}; choose from {', '.join(MODES)}")
         if mode == "sample":
             if inputs is not None:
                 raise ValueError("--input is for --mode project (or project-w+)")
-            psi = self.hparams.truncation if truncation is None else truncation
+            psi = self.hparams.truncation
             self._check_truncation(psi)
-            return self.sample([seed * SEED_STRIDE + i for i in range(num)], psi)
+            return self.sample([seed * SEED_STRIDE + i for i in range(num)], psi, use_ema)
         if inputs is None:
             raise ValueError(f"--mode {mode} needs an image to project: --input IMG")
-        steps = self.hparams.project_steps if steps is None else steps
+        steps = self.hparams.project_steps
         if steps < 1:
             raise ValueError(f"projection needs at least 1 step, got {steps}")
         targets = self._images(inputs.to(self.device).float()).repeat_interleave(num, 0)
         with torch.enable_grad():
-            images, _ = self.project(targets, steps, w_plus=mode == "project-w+", seed=seed)
+            images, _ = self.project(targets, steps, w_plus=mode == "project-w+", seed=seed, use_ema=use_ema)
         return images
 
     def project(self, targets: Tensor, steps: int, w_plus: bool = False, seed: int = 0,
-                w_avg_samples: int = 10_000) -> tuple[Tensor, Tensor]:
+                w_avg_samples: int = 10_000, use_ema: bool | None = None) -> tuple[Tensor, Tensor]:
         """Appendix D's projector, each target optimised independently: -> (reconstructions, ws)."""
-        net = weights_for_sampling(self, getattr(self, "sample_with_ema", None))
+        net = weights_for_sampling(self, use_ema)
         g = torch.Generator(device=self.device).manual_seed(seed)
         with torch.no_grad():
             w = net.mapping(torch.randn(w_avg_samples, self.hparams.z_dim, generator=g, device=self.device))
@@ -305,15 +306,15 @@ class StyleGAN2Module(AdversarialModule):
         return distance
 
     @torch.no_grad()
-    def generate_for_eval(self, indices: list[int], seed: int) -> tuple[Tensor, None]:
+    def generate_for_eval(self, indices: list[int], seed: int, *, use_ema: bool | None = None) -> Generated:
         """Unconditional: sample i from (seed, i) only, at the configured truncation."""
-        return self.sample([seed * SEED_STRIDE + i for i in indices], self.hparams.truncation).cpu(), None
+        return {"": (self.sample([seed * SEED_STRIDE + i for i in indices], self.hparams.truncation, use_ema).cpu(), None)}
 
     @torch.no_grad()
-    def sample_grid(self) -> tuple[Tensor, int]:
+    def sample_grid(self, *, use_ema: bool | None = None) -> Grid:
         """grid_size x grid_size images from fixed seeds (the SampleGrid callback)."""
         k = self.hparams.grid_size
-        return self.generate(k * k, 0), k
+        return Grid(self.generate(k * k, 0, use_ema=use_ema), k)
 
 
 def noise_regulariser(noise: list[Tensor]) -> Tensor:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from kiln.modules.ema import attach
+from kiln.modules.ema import attach, network
+from kiln.modules.family import Family
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -34,7 +35,7 @@ class EMA(L.Callback):
         decay: the average's decay per optimizer step.
         warmup: ramp the decay up from 0.1 as (1 + t) / (10 + t), so early weights fade fast.
         every_n_steps: update every N optimizer steps (the decay is applied N times at once).
-        target: the attribute of the LightningModule to average (default: its `ema_target`).
+        target: the attribute path of the network to average (default: the family's `Spec.ema_target`).
     """
 
     def __init__(self, decay: float = 0.999, warmup: bool = True, every_n_steps: int = 1, target: str | None = None):
@@ -43,8 +44,8 @@ class EMA(L.Callback):
         self.decay, self.warmup, self.every_n_steps, self.target = decay, warmup, every_n_steps, target
         self._averaged_at = 0
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        attach(pl_module, self.target)
+    def setup(self, trainer: L.Trainer, pl_module: Family, stage: str) -> None:
+        attach(pl_module, self.target or pl_module.spec().ema_target)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._averaged_at = trainer.global_step  # a resumed run has averaged up to here
@@ -61,7 +62,7 @@ class EMA(L.Callback):
         if step == self._averaged_at or step % self.every_n_steps:
             return
         self._averaged_at = step
-        live = getattr(pl_module, pl_module._ema_source)
+        live = network(pl_module, pl_module._ema_source)
         averages = [_local(p) for p in pl_module.ema.parameters()]
         weights = [_local(p) for p in live.parameters()]
         torch._foreach_lerp_(averages, weights, 1.0 - self.decay_at(step - 1))

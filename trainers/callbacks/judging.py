@@ -1,9 +1,9 @@
 """Judging in the loop: every K steps, M samples generated across the ranks, scored against the
 held-out real images on every rank's share, the scores reduced over ranks and logged.
 
-A generative family provides `generate_for_eval(indices, seed) -> (images in [-1, 1], labels or
-None)`, or for a cascade a dict stage -> (images, labels), each stage judged on its own against
-the real images brought to its size. Sample i depends on (seed, i) only, so the same M samples
+A generative family provides `generate_for_eval(indices, seed) -> {stage: (images in [-1, 1],
+labels or None)}` (kiln.modules.family), one stage "" or a cascade's several, each stage judged
+on its own against the real images brought to its size. Sample i depends on (seed, i) only, so the same M samples
 come out whatever the number of ranks, and N ranks give the one-rank scores (torchmetrics sums or
 gathers the FID/KID states; judge counts are all-reduced). Metric keys name the feature network:
 `eval/fid/<extractor>`, `eval/kid/<extractor>`, `eval/judge_accuracy` (and
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from kiln.modules.eval.extractors import build_extractor
 from kiln.modules.eval.metrics import FidKid
+from kiln.modules.family import Family
 
 
 class GenerativeEval(L.Callback):
@@ -41,9 +42,9 @@ class GenerativeEval(L.Callback):
         self._last = -1
         self.last: dict[str, float] = {}  # the latest scores
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not hasattr(pl_module, "generate_for_eval"):
-            raise ValueError(f"GenerativeEval: {type(pl_module).__name__} does not generate (no generate_for_eval)")
+    def setup(self, trainer: L.Trainer, pl_module: Family, stage: str) -> None:
+        if not pl_module.spec().generates:
+            raise ValueError(f"GenerativeEval: the '{pl_module.spec().name}' family does not generate images")
         # Built here, before the strategy starts, so a bad extractor or judge fails fast.
         self._extractor = build_extractor(self.extractor_name, self.extractor_weights)
         if self.judge_name:
@@ -86,7 +87,7 @@ class GenerativeEval(L.Callback):
         for metric in self._metrics.values():
             metric.reset_fake()
         for indices in self._calls(trainer):
-            for stage, (images, labels) in stages(pl_module.generate_for_eval(indices or [0], self.seed)).items():
+            for stage, (images, labels) in pl_module.generate_for_eval(indices or [0], self.seed).items():
                 if stage not in self._metrics:
                     self._metrics[stage] = FidKid(self._extractor).to(pl_module.device)
                     self._real_features(trainer, pl_module, self._metrics[stage], tuple(images.shape[1:]))
@@ -121,11 +122,6 @@ class GenerativeEval(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.evaluate(trainer, pl_module)
-
-
-def stages(output) -> dict[str, tuple]:
-    """`generate_for_eval`'s output as stage -> (images, labels); "" names a single stage."""
-    return output if isinstance(output, dict) else {"": output}
 
 
 def resize_like(images: torch.Tensor, shape: tuple) -> torch.Tensor:

@@ -102,7 +102,7 @@ class RunDirectory(L.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["kiln"] = {
-            "family": getattr(pl_module, "family", None),
+            "family": pl_module.spec().name,
             "config": self.config_yaml,
             "version": version("kiln"),
         }

@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image, ImageDraw, ImageFont
 
+from kiln.modules.family import Family
+
 
 def grid_image(images: torch.Tensor, nrow: int | None = None, pad: int = 2, labels: list[str] | None = None) -> Image.Image:
     """Images in [-1, 1], (N, C, H, W), C in {1, 3} -> one PIL image, `nrow` per row; `labels`
@@ -48,22 +50,21 @@ def save_grid(images: torch.Tensor, url: str, nrow: int | None = None, labels: l
 
 
 class SampleGrid(L.Callback):
-    """Every `every_n_steps` (and at the end), rank 0 asks the family for its grid
-    (`pl_module.sample_grid()`: fixed conditions, fixed noise, EMA weights -> images, images per
-    row, and optionally one label per row) and saves it. A family with nothing to draw from
+    """Every `every_n_steps` (and at the end), rank 0 asks a family that generates for its grid
+    (`Family.sample_grid`: fixed conditions, fixed noise, EMA weights -> a `Grid`: images, images
+    per row, and optionally one label per row) and saves it. A family with nothing to draw from
     (GLIDE's upsampler without a base model) returns None."""
 
     def __init__(self, run_dir: str, every_n_steps: int = 500, name: str = "grid"):
         self.run_dir, self.every_n_steps, self.name = run_dir.rstrip("/"), every_n_steps, name
 
-    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not hasattr(pl_module, "sample_grid"):
+    def _save(self, trainer: L.Trainer, pl_module: Family) -> None:
+        if not pl_module.spec().generates:
             return
         grid = pl_module.sample_grid()  # every rank: sampling may need collectives (FSDP2, ZeRO-3)
         if grid is None or not trainer.is_global_zero:
             return
-        images, nrow, *labels = grid
-        labels = labels[0] if labels else None
+        images, nrow, labels = grid.images, grid.per_row, grid.labels
         step = trainer.global_step
         save_grid(images, f"{self.run_dir}/samples/{self.name}-step{step:07d}.png", nrow, labels)
         for logger in trainer.loggers:

@@ -17,6 +17,7 @@ from jsonargparse import ArgumentParser
 
 from kiln.modules import loading
 from kiln.modules.ema import attach
+from kiln.modules.family import Family
 from kiln.trainers.checkpoints.files import CheckpointError, load_checkpoint_dict
 from kiln.trainers.checkpoints.sharded import SHARDS, as_single_file, consolidate
 from kiln.trainers.checkpoints.trust import UntrustedConfig, check_config, is_trusted
@@ -61,18 +62,18 @@ def _instantiate(section: dict, base: type) -> Any:
     return parser.instantiate_classes(cfg).obj
 
 
-def build_from_checkpoint(ckpt: dict[str, Any], load_weights: bool = True):
-    """(LightningModule, LightningDataModule) of the run that wrote `ckpt`."""
+def build_from_checkpoint(ckpt: dict[str, Any], load_weights: bool = True) -> tuple[Family, L.LightningDataModule | None]:
+    """(family, data module) of the run that wrote `ckpt`; without `load_weights`, the same
+    untrained (an EMA copy too, equal to the weights, if the run kept one: the run at step 0)."""
     config = yaml.safe_load(ckpt["kiln"]["config"]) or {}
     _check(config)  # the whole config, trainer and callbacks included, before any of it is imported
-    model = _instantiate(config["model"], L.LightningModule)
+    model = _instantiate(config["model"], Family)
     data = _instantiate(config["data"], L.LightningDataModule) if config.get("data") else None
+    if any(k.startswith("ema.") for k in ckpt["state_dict"]):  # trained with the EMA callback
+        attach(model, model.spec().ema_target)
     if load_weights:
-        if any(k.startswith("ema.") for k in ckpt["state_dict"]):  # trained with the EMA callback
-            attach(model)
         model.load_state_dict(ckpt["state_dict"])
     return model, data
-
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -11,6 +11,7 @@ import fsspec
 import lightning as L
 import torch
 
+from kiln.modules.family import Family
 from kiln.trainers.commands.args import CommandParser
 from kiln.trainers.checkpoints.checkpoint import CheckpointError, build_from_checkpoint, family_of, load_checkpoint
 from kiln.trainers.callbacks.progress import track
@@ -46,9 +47,10 @@ def evaluate_clip(models: list, data: L.LightningDataModule, metrics: list[str],
 
 
 @torch.no_grad()
-def evaluate_generative(models: list, data: L.LightningDataModule, metrics: list[str], extractor: str = "efficientnet-lite0",
-                        extractor_weights: str | None = None, judge: str | None = None, num_samples: int = 1000,
-                        seed: int = 0, batch_size: int = 100) -> list[dict[str, float]]:
+def evaluate_generative(models: list[Family], data: L.LightningDataModule, metrics: list[str],
+                        extractor: str = "efficientnet-lite0", extractor_weights: str | None = None,
+                        judge: str | None = None, num_samples: int = 1000, seed: int = 0, batch_size: int = 100,
+                        use_ema: bool | None = None) -> list[dict[str, float]]:
     """Generated samples of each model against up to `num_samples` held-out real images: FID/KID
     and precision/recall on `extractor`'s features, judge accuracy and inception score on the
     judge's logits, each for every stage of a cascade (`<stage>/fid`, ...), and for an upsampler
@@ -57,7 +59,7 @@ def evaluate_generative(models: list, data: L.LightningDataModule, metrics: list
     from kiln.modules.eval.extractors import build_extractor
     from kiln.modules.eval.judge import get_judge
     from kiln.modules.eval.metrics import FidKid, class_spread, inception_score, precision_recall
-    from kiln.trainers.callbacks.judging import resize_like, stages
+    from kiln.trainers.callbacks.judging import resize_like
 
     net = build_extractor(extractor, extractor_weights)
     judge_net = get_judge(judge) if judge else None
@@ -90,17 +92,18 @@ def evaluate_generative(models: list, data: L.LightningDataModule, metrics: list
 
     results = []
     for index, model in enumerate(models):
-        if "l1" in metrics and not upsamples(model):
-            raise ValueError(f"l1 is for upsamplers: this '{getattr(model, 'family', '?')}' model does not upsample")
+        spec = model.spec()
+        if "l1" in metrics and not spec.upsamples:
+            raise ValueError(f"l1 is for upsamplers: this '{spec.name}' model does not upsample")
         model.eval()
         fake: dict[str, list] = {}
-        # An upsampler without its base has nothing to generate from: it is judged on real inputs.
-        cascade = not upsamples(model) or bool(model.hparams.get("base_ckpt"))
+        # An upsampler without the stages before it has nothing to generate from: it is judged on real inputs.
+        cascade = not spec.upsamples or len(spec.stages) > 1
         generated = cascade and set(metrics) & {"fid", "kid", "precision_recall", "judge", "is"}
         for i in track(range(0, num_samples if generated else 0, batch_size),
                        f"kiln eval: generating (model {index + 1} of {len(models)})"):
-            out = model.generate_for_eval(list(range(i, min(i + batch_size, num_samples))), seed)
-            for stage, (images, y) in stages(out).items():
+            out = model.generate_for_eval(list(range(i, min(i + batch_size, num_samples))), seed, use_ema=use_ema)
+            for stage, (images, y) in out.items():
                 judged = judge_net.features_and_logits(images) if judge_net is not None else None
                 fake.setdefault(stage, []).append((images.shape[1:], net(images), judged, y))
         result: dict[str, float] = {"heldout/images": float(len(real_images))}
@@ -127,15 +130,15 @@ def evaluate_generative(models: list, data: L.LightningDataModule, metrics: list
                 if "is" in metrics:
                     result[f"{prefix}is"], result[f"{prefix}is_std"] = inception_score(logits)
                 result[f"{prefix}judge/real_accuracy"] = float(judge_net.accuracy)
-        if upsamples(model) and ("l1" in metrics or not generated):
-            result |= super_resolution_scores(model, real_images, captions, metrics, net, seed, batch_size)
+        if spec.upsamples and ("l1" in metrics or not generated):
+            result |= super_resolution_scores(model, real_images, captions, metrics, net, seed, batch_size, use_ema)
         results.append(result)
     return results
 
 
 @torch.no_grad()
-def super_resolution_scores(model, real_images: torch.Tensor, captions: list[str], metrics: list[str], net,
-                            seed: int, batch_size: int) -> dict[str, float]:
+def super_resolution_scores(model: Family, real_images: torch.Tensor, captions: list[str], metrics: list[str], net,
+                            seed: int, batch_size: int, use_ema: bool | None = None) -> dict[str, float]:
     """An upsampler on the held-out images brought down to its input size: mean L1 to the real
     images of its output (`l1`) and of bicubic upsampling (`l1_baseline`); with "fid"/"kid" in
     `metrics`, the same pair of distribution scores (`fid`, `fid_baseline`, ...)."""
@@ -144,7 +147,8 @@ def super_resolution_scores(model, real_images: torch.Tensor, captions: list[str
     l1 = torch.zeros(2, dtype=torch.float64)
     scores = {"": FidKid(net), "_baseline": FidKid(net)}
     for i in track(range(0, len(real_images), batch_size), "kiln eval: upsampling the held-out images"):
-        real, out, bicubic = model.super_resolution(real_images[i:i + batch_size], captions[i:i + batch_size], seed + i)
+        real, out, bicubic = model.super_resolution(real_images[i:i + batch_size], captions[i:i + batch_size], seed + i,
+                                                    use_ema=use_ema)
         l1 += torch.tensor([(out - real).abs().mean(dim=(1, 2, 3)).sum().item(),
                             (bicubic - real).abs().mean(dim=(1, 2, 3)).sum().item()], dtype=torch.float64)
         if {"fid", "kid"} & set(metrics):
@@ -158,14 +162,8 @@ def super_resolution_scores(model, real_images: torch.Tensor, captions: list[str
     return result
 
 
-def upsamples(model) -> bool:
-    """A super-resolution stage (judged by `l1` against bicubic upsampling)."""
-    return hasattr(model, "super_resolution") and dict(getattr(model, "hparams", {})).get("stage") == "upsampler"
-
-
 GENERATIVE = ("fid", "kid", "precision_recall", "judge", "is", "l1")
-# family -> (judge metrics available, default list, evaluator)
-EVALUATORS = {"clip": (("zero_shot", "retrieval"), ("zero_shot", "retrieval"), evaluate_clip)}
+RETRIEVAL = ("zero_shot", "retrieval")
 
 
 def main(argv: list[str]) -> None:
@@ -186,7 +184,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--truncation", type=float, help="sampling override: GAN truncation threshold")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("guidance_scale", args.guidance_scale), ("sampler", args.sampler),
-                                   ("sample_steps", args.steps), ("truncation", args.truncation)) if v is not None}
+                                   ("steps", args.steps), ("truncation", args.truncation)) if v is not None}
 
     ckpt = load_checkpoint(args.ckpt)
     family = family_of(ckpt)
@@ -194,21 +192,19 @@ def main(argv: list[str]) -> None:
         model, data = build_from_checkpoint(ckpt)
     except CheckpointError as e:
         raise CheckpointError(f"cannot judge this '{family}' checkpoint: {e}") from None
-    if hasattr(model, "generate_for_eval"):
+    spec = model.spec()
+    if spec.evaluation == "retrieval":
+        available, default, evaluator = RETRIEVAL, RETRIEVAL, evaluate_clip
+    else:
         from functools import partial
 
-        model.sample_with_ema = not args.no_ema  # families sample through kiln.modules.ema.weights_for_sampling
         evaluator = partial(evaluate_generative, extractor=args.extractor, extractor_weights=args.extractor_weights,
-                            judge=args.judge, num_samples=args.num_samples)
+                            judge=args.judge, num_samples=args.num_samples, use_ema=not args.no_ema)
         available = GENERATIVE
         default = ("fid", "kid", "precision_recall") + (("judge", "is") if args.judge else ()) \
-            + (("l1",) if upsamples(model) else ())
-        if upsamples(model) and not model.hparams.get("base_ckpt"):  # no cascade: judged on real inputs
+            + (("l1",) if spec.upsamples else ())
+        if spec.upsamples and len(spec.stages) == 1:  # no cascade: judged on real inputs
             default = ("l1", "fid", "kid")
-    elif family in EVALUATORS:
-        available, default, evaluator = EVALUATORS[family]
-    else:
-        raise CheckpointError(f"kiln eval has no judge for '{family}' checkpoints yet")
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else list(default)
     unknown = [m for m in metrics if m not in available]
     if unknown:
@@ -221,18 +217,17 @@ def main(argv: list[str]) -> None:
     if not args.no_untrained:
         torch.manual_seed(0)
         models.append(build_from_checkpoint(ckpt, load_weights=False)[0])
-    for name, value in overrides.items():
-        if name not in getattr(model, "hparams", {}):
-            flag = "--steps" if name == "sample_steps" else "--" + name.replace("_", "-")
-            raise ValueError(f"a '{family}' checkpoint has no {flag} to override")
+    for option, value in overrides.items():
+        if option not in spec.options:
+            raise ValueError(f"a '{family}' checkpoint has no --{option.replace('_', '-')} to override")
         for m in models:
-            m.hparams[name] = value
+            m.hparams[spec.options[option]] = value
     results, *baseline = evaluator(models, data, metrics)
     for untrained in baseline:
         results |= {f"{k}_untrained": v for k, v in untrained.items() if not k.startswith("heldout/")}
     results["extractor"] = args.extractor if available is GENERATIVE else f"{family} (the checkpoint's own towers)"
     results["step"] = ckpt.get("global_step", -1)
-    results |= {f"sampling/{k}": v for k, v in overrides.items()}
+    results |= {f"sampling/{spec.options[k]}": v for k, v in overrides.items()}
     with fsspec.open(args.out, "w") as f:
         json.dump(results, f, indent=2, sort_keys=True)
     print(json.dumps({k: v for k, v in results.items() if "untrained" not in k}, sort_keys=True))

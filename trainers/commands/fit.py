@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from kiln.datamodules.webdataset import DataMetrics
+from kiln.modules.family import Family
 from kiln.trainers.checkpoints.checkpoint import AtomicCheckpointIO, check_family
 from kiln.launch.env import in_slurm_job, under_torchrun
 from kiln.trainers.callbacks.preemption import Preemption
@@ -53,7 +54,7 @@ class SampleSettings:
 class KilnCLI(LightningCLI):
     def __init__(self, args: list[str] | None):
         super().__init__(
-            L.LightningModule,
+            Family,  # a model is a kiln family: the trainers call only its contract (kiln.modules.family)
             L.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
@@ -157,9 +158,8 @@ class KilnCLI(LightningCLI):
             cfg.ckpt_path = last if fs.isfile(path) else None
             self.config_init[self.subcommand].ckpt_path = cfg.ckpt_path
         ckpt_path = cfg.get("ckpt_path")
-        family = getattr(self.model, "family", None)
-        if ckpt_path and ckpt_path not in ("last", "best", "hpc") and family:
-            check_family(ckpt_path, family)
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc"):
+            check_family(ckpt_path, self.model.spec().name)
 
 
 def _has_summary(entries: list) -> bool:

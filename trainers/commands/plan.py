@@ -60,6 +60,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from kiln.modules.family import Family
 from kiln.trainers.commands.args import CommandParser
 from kiln.trainers.checkpoints.checkpoint import _instantiate
 from kiln.trainers.strategies import shard_units
@@ -107,12 +108,11 @@ def _deepspeed_settings(config: dict) -> dict:
     return {key: init.get(key, default) for key, default in DEEPSPEED.items()}
 
 
-def _ema_target(config: dict, module: nn.Module) -> nn.Module | None:
+def _ema_target(config: dict, module: Family) -> nn.Module | None:
     """The network the config's EMA callback copies, if it has one."""
     for callback in config.get("trainer", {}).get("callbacks") or []:
         if isinstance(callback, dict) and callback.get("class_path", "").endswith("ema.EMA"):
-            name = (callback.get("init_args") or {}).get("target") or getattr(module, "ema_target", "model")
-            return getattr(module, name)
+            return module.resolve((callback.get("init_args") or {}).get("target") or module.spec().ema_target)
     return None
 
 
@@ -195,38 +195,26 @@ def _model_pass(module: L.LightningModule, batch_size: int) -> dict[str, float]:
     return _run(module, step)
 
 
-def phases(module: L.LightningModule, batch_size: int) -> list[dict[str, Any]]:
-    """One training step's working memory on the meta device, phase by phase: each phase's name,
-    the parameters it steps and runs through, and the peak bytes of what it allocates
-    (`activations`). A family without phases has one, its model's forward and backward."""
-    from kiln.modules.gan.lit_module import AdversarialModule, _split
-
-    if not isinstance(module, AdversarialModule):
-        return [{"name": "step", "steps": _count(module), "through": _numel(module.model),
-                 **_model_pass(module, batch_size)}]
-    batch, out = module.plan_batch(batch_size), []
-    # ADA's pipeline decides on p's value, which a meta tensor does not have: left out (a few
-    # image-sized tensors, small next to D's activations). The meta module is the plan's own.
-    module.augment = nn.Identity()
-    run = {"Dmain": module.d_main, "Dreg": module.d_reg, "Gmain": module.g_main, "Greg": module.g_reg}
-    for phase in module.phases():
-        trained = getattr(module, phase.network)
-        share = _split(batch, module.d_steps)[0] if phase.network == "discriminator" else batch
+def phases(module: Family, batch_size: int) -> list[dict[str, Any]]:
+    """One training step's working memory on the meta device, phase by phase (`Family.plan_phases`):
+    each phase's name, the parameters it steps and runs through, and the peak bytes of what it
+    allocates (`activations`); with one phase, its FLOPs too."""
+    declared, out = module.plan_phases(batch_size), []
+    for phase in declared:
+        trained = module.resolve(phase.steps)
         # As training's toggle_optimizer: only the phase's network takes gradients.
         mine = {id(p) for p in trained.parameters()}
         frozen = [p for p in module.parameters() if p.requires_grad and id(p) not in mine]
         for p in frozen:
             p.requires_grad_(False)
         try:
-            measured = _run(module, lambda: (run[phase.name](share)["loss"] * phase.interval).backward(), flops=False)
+            measured = _run(module, phase.run, flops=len(declared) == 1)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
-        # G main runs through D too; D main runs G without gradients, its weights gathered all the same.
-        both = phase.name in ("Gmain", "Dmain")
         out.append({"name": phase.name, "steps": _count(trained),
-                    "through": _numel(module.model) if both else _numel(trained),
-                    "activations": measured["activations"]})
+                    "through": sum(_numel(module.resolve(path)) for path in phase.through),
+                    "activations": measured["activations"], **({"flops": measured["flops"]} if len(declared) == 1 else {})})
     return out
 
 
@@ -243,12 +231,11 @@ def _flops(module: L.LightningModule, steps: list[dict], batch_size: int) -> flo
     return steps[0]["flops"] if "flops" in steps[0] else _model_pass(module, batch_size)["flops"]
 
 
-def _units(module: L.LightningModule) -> tuple[int, int]:
+def _units(module: Family) -> tuple[int, int]:
     """(the largest declared shard unit, the most weights of one network outside its units), in elements."""
     units = shard_units(module)
     largest = max((_numel(m) for m in module.modules() if units and isinstance(m, units)), default=0)
-    model = module.model
-    networks = list(model.components().values()) if hasattr(model, "components") else [model]
+    networks = [module.component(name) for name in module.spec().components] or [module]
     inside = {id(p) for m in module.modules() if units and isinstance(m, units) for p in m.parameters()}
     rest = max((sum(p.numel() for p in net.parameters() if id(p) not in inside) for net in networks), default=0)
     return largest, rest
@@ -289,12 +276,11 @@ def memory(sizes: dict[str, int], steps: list[dict], world: int, deepspeed: dict
     return per
 
 
-def unsupported(module: L.LightningModule) -> dict[str, str]:
+def unsupported(module: Family) -> dict[str, str]:
     """Strategies this family cannot train under, and why."""
-    from kiln.modules.gan.lit_module import AdversarialModule
-
-    if isinstance(module, AdversarialModule):
-        why = "a GAN trains two optimizers (G and D); Lightning's DeepSpeed strategy takes one"
+    optimizers = module.spec().optimizers
+    if optimizers > 1:
+        why = f"it trains {optimizers} optimizers (a GAN's G and D); Lightning's DeepSpeed strategy takes one"
         return {"zero2": why, "zero3": why}
     return {}
 
@@ -302,7 +288,7 @@ def unsupported(module: L.LightningModule) -> dict[str, str]:
 def plan(paths: list[str], nodes: int, gpus_per_node: int, micro_batch: int | None = None) -> dict[str, Any]:
     config = load_config(paths)
     with torch.device("meta"):
-        module = _instantiate(config["model"], L.LightningModule)
+        module = _instantiate(config["model"], Family)
     batch = micro_batch or config.get("data", {}).get("init_args", {}).get("batch_size") or 1
     world = nodes * gpus_per_node
     largest, rest = _units(module)
@@ -310,10 +296,11 @@ def plan(paths: list[str], nodes: int, gpus_per_node: int, micro_batch: int | No
     steps = phases(module, batch)
     sizes = {"trainable": _count(module), "frozen": _count(module, trainable=False),
              "ema": _numel(ema) if ema is not None else 0, "unit": largest, "rest": rest}
-    per_gpu = memory(sizes, steps, world, _deepspeed_settings(config), getattr(module, "double_backward", False))
-    components = module.model.components() if hasattr(module.model, "components") else {}
+    spec = module.spec()
+    per_gpu = memory(sizes, steps, world, _deepspeed_settings(config), spec.double_backward)
+    components = {name: module.component(name) for name in spec.components}
     return {
-        "config": paths, "family": getattr(module, "family", None), "nodes": nodes, "gpus_per_node": gpus_per_node,
+        "config": paths, "family": spec.name, "nodes": nodes, "gpus_per_node": gpus_per_node,
         "micro_batch": batch, "global_batch": batch * world, "strategy": _strategy_of(config),
         "parameters": _count(module), "frozen_parameters": _count(module, trainable=False),
         "ema_parameters": sizes["ema"],

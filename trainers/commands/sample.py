@@ -13,29 +13,31 @@ Sampling options, each passed only to a family that has it:
     --mode NAME          a family's other sampling mode (e.g. `project`)
     --num N              images per condition (default 1); --seed S fixes all noise
 
-A family takes part by defining `generate(num, seed, **options) -> images in [-1, 1]`, (N, C, H, W)
-(or a dict stage -> images for a cascade), whose keyword arguments are the options above with
-underscores (`prompts`, `classes`, `inputs`, `label_maps`, `guidance_scale`, `steps`, `sampler`,
-`truncation`, `mode`). Asking for an option the family does not have is an error that lists the
-ones it has. Sampling uses the EMA weights when the checkpoint has them (--no-ema: the live ones).
+A family takes part through its contract (kiln.modules.family): `Spec.conditions` names the
+conditions it takes (`prompts`, `classes`, `inputs`, `label_maps`), `Spec.options` the sampling
+settings it keeps in its hyper-parameters, `Spec.modes` its modes, and `generate(num, seed, *,
+use_ema, **conditions, mode=...)` returns images in [-1, 1], (N, C, H, W) (or a dict stage ->
+images for a cascade). Asking for what the family does not take is an error that lists what it
+takes. Sampling uses the EMA weights when the checkpoint has them (--no-ema: the live ones).
 
 Writes DIR/<index>-<condition>.png per image (DIR/<stage>/... per cascade stage) and DIR/grid.png.
 """
 from __future__ import annotations
 
-import inspect
 import re
 
 import fsspec
 import torch
 from PIL import Image
 
+from kiln.modules.family import Family
 from kiln.trainers.commands.args import CommandParser
 from kiln.trainers.checkpoints.checkpoint import CheckpointError, build_from_checkpoint, family_of, load_checkpoint
 from kiln.trainers.callbacks.progress import working
 from kiln.trainers.callbacks.samples import grid_image
 
-# option on the command line -> keyword of the family's `generate`
+# option on the command line -> what it is to the family: a condition of `generate`, a sampling
+# setting of `Spec.options`, or the mode
 OPTIONS = {"prompt": "prompts", "class_": "classes", "input": "inputs", "label_map": "label_maps",
            "guidance_scale": "guidance_scale", "steps": "steps", "sampler": "sampler",
            "truncation": "truncation", "mode": "mode"}
@@ -75,17 +77,16 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "x"
 
 
-def check_options(model, given: dict) -> None:
+def check_options(model: Family, given: dict) -> None:
     """One line naming what the family cannot do and what it can."""
-    generate = getattr(model, "generate", None)
-    family = getattr(model, "family", type(model).__name__)
-    if generate is None:
-        raise CheckpointError(f"a '{family}' checkpoint does not generate images: nothing to sample")
-    accepted = set(inspect.signature(generate).parameters)
+    spec = model.spec()
+    if not spec.generates:
+        raise CheckpointError(f"a '{spec.name}' checkpoint does not generate images: nothing to sample")
+    accepted = {*spec.conditions, *spec.options, *(("mode",) if spec.modes else ())}
     unknown = [k for k in given if k not in accepted]
     if unknown:
         takes = ", ".join(_flag(k) for k in OPTIONS.values() if k in accepted) or "no options"
-        raise ValueError(f"the '{family}' family does not take {', '.join(_flag(k) for k in unknown)} (it takes: {takes})")
+        raise ValueError(f"the '{spec.name}' family does not take {', '.join(_flag(k) for k in unknown)} (it takes: {takes})")
 
 
 def conditions_of(given: dict, num: int) -> list[str]:
@@ -148,10 +149,12 @@ def main(argv: list[str]) -> None:
         given["inputs"] = torch.stack([_read_image(u) for u in given["inputs"]])
     if "label_maps" in given:
         given["label_maps"] = torch.stack([_read_label_map(u) for u in given["label_maps"]])
-    model.sample_with_ema = not args.no_ema
+    settings = model.spec().options
+    for option in [k for k in given if k in settings]:
+        model.hparams[settings[option]] = given.pop(option)
     model.eval()
     with torch.no_grad(), working(f"kiln sample: generating {len(names)} image{'s' if len(names) != 1 else ''}"):
-        images = model.generate(num=args.num, seed=args.seed, **given)
+        images = model.generate(args.num, args.seed, use_ema=not args.no_ema, **given)
     stages = images if isinstance(images, dict) else {"": images}
     for stage, batch in stages.items():
         out = f"{args.out.rstrip('/')}/{stage}" if stage else args.out

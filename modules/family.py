@@ -1,0 +1,162 @@
+"""The family contract: what a family declares to the trainers, and what it provides them.
+
+Every family's LightningModule subclasses `Family`. The trainers (`kiln.trainers`: commands,
+callbacks, strategies, `kiln plan`) know a family only through what is here -- in the spirit of
+torchtitan's TrainSpec, one typed declaration instead of attributes the trainers probe for:
+
+    spec()              `Spec`: the family's name, its networks as named components, its shard
+                        units and EMA target, what `kiln sample` may ask of it, its cascade
+                        stages, whether it upsamples, how it is evaluated, what DDP and FSDP2
+                        must know about its backward
+    generate            `kiln sample`: images for the conditions it takes
+    generate_for_eval   the evaluator (`kiln eval` and the in-training callback): sample i from
+                        (seed, i) only, per stage
+    sample_grid         the sample grids a run saves
+    super_resolution    an upsampler's judging on real images (`spec().upsamples`)
+    embed               a retrieval family's judging (`spec().evaluation == "retrieval"`)
+    plan_inputs, plan_phases   `kiln plan`: one forward's inputs, one step's phases
+
+Sampling runs the EMA copy when there is one (`kiln.modules.ema.weights_for_sampling`); every
+method that samples takes `use_ema` (None: the EMA if trained with one; True: the EMA or an
+error; False: the live weights) as an argument.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import lightning as L
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
+
+# What `kiln sample` can hand a family (its flags: --prompt, --class, --input, --label-map).
+Condition = Literal["prompts", "classes", "inputs", "label_maps"]
+# Sampling settings `kiln sample` and `kiln eval` may override (--guidance-scale, --sampler,
+# --steps, --truncation); a family keeps each in one of its hyper-parameters.
+Option = Literal["guidance_scale", "sampler", "steps", "truncation"]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a family declares.
+
+    Args:
+        name: the family's name, stamped in its checkpoints ("glide").
+        components: its networks by name -> attribute path from the module ("generator",
+            "model.visual"), where it calls them on their own: `kiln plan` counts each, and FSDP2
+            gives each a unit of its own (a network called on its own gathers only its own
+            weights). None declared: the module's top-level children.
+        ema_target: the attribute path of the network the EMA callback averages.
+        shard_units: the block types FSDP2 shards one by one and activation checkpointing wraps.
+        generates: draws images (`kiln sample`, sample grids, generative evaluation).
+        conditions: what `kiln sample` may give `generate`.
+        options: the sampling settings `kiln sample` and `kiln eval` may override, each -> the
+            hyper-parameter that holds it ({"steps": "sample_steps"}).
+        modes: the values `generate(mode=...)` takes (`kiln sample --mode`), if any.
+        stages: a cascade's stages as `generate_for_eval` names them ("" for a single stage).
+        upsamples: a super-resolution stage, judged by L1 against bicubic upsampling.
+        evaluation: "generative" (FID/KID, judge, ...) or "retrieval" (CLIP: `embed`).
+        find_unused_parameters: a step's backward reaches only part of the module (a GAN's
+            phases): DDP must look for parameters without gradients.
+        double_backward: a loss backpropagates through a gradient (R1, path length): FSDP2
+            keeps gathered weights until the outer backward has run.
+        optimizers: how many optimizers a step uses (Lightning's DeepSpeed strategy takes one).
+    """
+
+    name: str
+    components: dict[str, str] = field(default_factory=dict)
+    ema_target: str = "model"
+    shard_units: tuple[type, ...] = ()
+    generates: bool = True
+    conditions: tuple[Condition, ...] = ()
+    options: dict[Option, str] = field(default_factory=dict)
+    modes: tuple[str, ...] = ()
+    stages: tuple[str, ...] = ("",)
+    upsamples: bool = False
+    evaluation: Literal["generative", "retrieval"] = "generative"
+    find_unused_parameters: bool = False
+    double_backward: bool = False
+    optimizers: int = 1
+
+
+@dataclass
+class Grid:
+    """A sample grid: images in [-1, 1], images per row, and optionally a label per row."""
+
+    images: Tensor
+    per_row: int
+    labels: list[str] | None = None
+
+
+@dataclass
+class PlanPhase:
+    """One phase of a training step for `kiln plan`: its name, the network whose optimizer it
+    steps and the networks whose weights it runs through (attribute paths), and `run`, its
+    forward and backward as training runs them (a lazy regulariser's loss weighted by its
+    interval)."""
+
+    name: str
+    steps: str
+    through: tuple[str, ...]
+    run: Callable[[], None]
+
+
+# What generate_for_eval returns: stage -> (images in [-1, 1], the class of each or None).
+Generated = dict[str, tuple[Tensor, Tensor | None]]
+
+
+class Family(L.LightningModule):
+    """The base of every family's LightningModule (see the module docstring)."""
+
+    def spec(self) -> Spec:
+        raise NotImplementedError(f"{type(self).__name__} declares no Spec")
+
+    def component(self, name: str) -> nn.Module:
+        """A declared network, by its name in `spec().components`."""
+        return self.resolve(self.spec().components[name])
+
+    def resolve(self, path: str) -> nn.Module:
+        """A network by attribute path ("model.visual")."""
+        return functools.reduce(getattr, path.split("."), self)
+
+    # -- generating (families with spec().generates) ---------------------------------------------
+    def generate(self, num: int = 1, seed: int = 0, *, use_ema: bool | None = None, **given) -> Tensor | dict[str, Tensor]:
+        """`kiln sample`: `num` images for each condition given (`spec().conditions`), settings
+        from `spec().options`; a cascade returns stage -> images."""
+        raise NotImplementedError(f"the '{self.spec().name}' family does not generate images")
+
+    def generate_for_eval(self, indices: list[int], seed: int, *, use_ema: bool | None = None) -> Generated:
+        """Samples `indices` for the evaluator, sample i from (seed, i) only, per stage."""
+        raise NotImplementedError(f"the '{self.spec().name}' family does not generate images")
+
+    def sample_grid(self, *, use_ema: bool | None = None) -> Grid | None:
+        """The grid a run saves (fixed conditions and noise); None: nothing to draw from."""
+        return None
+
+    def super_resolution(self, images: Tensor, prompts: list[str], seed: int = 0, *,
+                         use_ema: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(spec().upsamples) Real images -> (them at the output size, the stage's output from
+        their downsampled version, bicubic upsampling of that same input)."""
+        raise NotImplementedError(f"the '{self.spec().name}' family does not upsample")
+
+    def embed(self, images: Tensor, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """(spec().evaluation == "retrieval") Normalised image and text embeddings."""
+        raise NotImplementedError(f"the '{self.spec().name}' family does not embed")
+
+    # -- kiln plan -------------------------------------------------------------------------------
+    def plan_inputs(self, batch_size: int) -> tuple[Tensor, ...]:
+        """The inputs of one forward of `self.model` on `batch_size` samples (FLOPs are counted on it)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no plan_inputs")
+
+    def plan_phases(self, batch_size: int) -> list[PlanPhase]:
+        """One training step, phase by phase: by default one phase, the model's forward on
+        `plan_inputs` and a backward from the sum of its outputs."""
+        inputs = self.plan_inputs(batch_size)
+
+        def run() -> None:
+            leaves = [t for t in tree_leaves(self.model(*inputs)) if isinstance(t, Tensor) and t.is_floating_point()]
+            sum(t.float().sum() for t in leaves).backward()
+
+        return [PlanPhase("step", "model", ("model",), run)]
