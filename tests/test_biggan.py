@@ -154,7 +154,7 @@ def test_ema_averages_the_generator():
     assert set(dict(ema.named_parameters())) == set(dict(module.generator.named_parameters()))
 
 
-# BigGAN-PyTorch's bs256x8 config (PAPER-SIZES.md): G 70.43M, D 87.98M.
+# BigGAN-PyTorch's bs256x8 config (docs/paper-sizes.md): G 70.43M, D 87.98M.
 def test_paper_size():
     result = plan(["configs/biggan/paper-128.yaml"], nodes=1, gpus_per_node=8)
     assert result["components"]["generator"] == pytest.approx(70.43e6, rel=0.05)

@@ -112,7 +112,7 @@ def test_upsampler_without_a_base_trains_past_the_sample_grid(digits, tmp_path):
     assert trainer.global_step == 2 and not (tmp_path / "run" / "samples").exists()
 
 
-# Nichol et al. 2022, section 4.1 (PAPER-SIZES.md): base 3.5B (U-Net ~2.3B + text ~1.2B), upsampler 1.5B.
+# Nichol et al. 2022, section 4.1 (docs/paper-sizes.md): base 3.5B (U-Net ~2.3B + text ~1.2B), upsampler 1.5B.
 @pytest.mark.parametrize("config,total", [("paper-base", 3.5e9), ("paper-upsampler", 1.5e9)])
 def test_paper_sizes(config, total):
     result = plan([f"configs/glide/{config}.yaml"], nodes=1, gpus_per_node=8)

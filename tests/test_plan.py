@@ -13,7 +13,7 @@ from conftest import kiln
 from kiln.modules.blocks.tokenizer import EOT
 from kiln.trainers.commands.plan import GIB, measure, plan
 
-# PAPER-SIZES.md (open_clip's model profile).
+# docs/paper-sizes.md (open_clip's model profile).
 PAPER = {"vit-b-32": (151.28e6, {"image": 87.85e6, "text": 63.43e6}), "vit-b-16": (149.62e6, {}),
          "vit-l-14": (427.62e6, {"image": 303.97e6, "text": 123.65e6})}
 
@@ -26,6 +26,21 @@ def test_plan_json_on_the_command_line():
     assert result["global_batch"] == 16 * result["micro_batch"]
     assert set(result["memory_per_gpu_gb"]) == {"ddp", "zero2", "zero3", "fsdp"} and result["fits"]["fsdp"]
     assert result["memory_per_gpu_gb"]["fsdp"] == pytest.approx(result["memory_per_gpu"]["fsdp"]["total"] / 1e9, abs=1e-3)
+
+
+def test_plan_reads_a_config_as_kiln_fit_does():
+    """`-c` composition and `--key value` overrides through kiln fit's own jsonargparse parser: an
+    override changes the plan, and a key the model does not have is refused in one line."""
+    base = json.loads(kiln("plan", "-c", "configs/clip/tiny.yaml", "-c", "configs/trainer/fsdp.yaml", "--json").stdout)
+    r = kiln("plan", "-c", "configs/clip/tiny.yaml", "-c", "configs/trainer/fsdp.yaml", "--json",
+             "--model.init_args.embed_dim", "32", "--data.init_args.batch_size", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    smaller = json.loads(r.stdout)
+    assert base["strategy"] == smaller["strategy"] == "fsdp" and smaller["micro_batch"] == 8
+    assert smaller["parameters"] < base["parameters"]
+    r = kiln("plan", "-c", "configs/clip/tiny.yaml", "--model.init_args.embed_dims", "32")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "kiln plan: error: unknown option 'embed_dims' of kiln.modules.clip.lit_module.CLIPModule"]
 
 
 @pytest.mark.parametrize("config", list(PAPER))

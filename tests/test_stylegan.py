@@ -205,7 +205,7 @@ def test_bad_settings_are_one_line_errors():
         _module(style_mixing=1.5)
 
 
-# stylegan2-ada-pytorch's config-f at 1024 (PAPER-SIZES.md): G 30.37M (mapping 2.10M), D 29.01M.
+# stylegan2-ada-pytorch's config-f at 1024 (docs/paper-sizes.md): G 30.37M (mapping 2.10M), D 29.01M.
 def test_paper_size():
     result = plan(["configs/stylegan/paper-f-1024.yaml"], nodes=1, gpus_per_node=8)
     assert result["family"] == "stylegan"

@@ -2,7 +2,7 @@
 
 A ViT image tower and a causal transformer text tower, each projected (no bias) into a shared
 embedding space, and a learned temperature. Layout and initialisation follow the paper's
-released models, so the named sizes reproduce their parameter counts (PAPER-SIZES.md).
+released models, so the named sizes reproduce their parameter counts (docs/paper-sizes.md).
 """
 from __future__ import annotations
 

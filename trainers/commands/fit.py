@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
+
+import yaml
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -52,7 +55,7 @@ class SampleSettings:
 
 
 class KilnCLI(LightningCLI):
-    def __init__(self, args: list[str] | None):
+    def __init__(self, args: list[str] | None, run: bool = True):
         super().__init__(
             Family,  # a model is a kiln family: the trainers call only its contract (kiln.modules.family)
             L.LightningDataModule,
@@ -63,6 +66,7 @@ class KilnCLI(LightningCLI):
             trainer_defaults={"logger": False, "enable_checkpointing": True},
             parser_kwargs={"exit_on_error": False},
             args=args,
+            run=run,
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -190,3 +194,26 @@ def main(args: list[str]) -> None:
     quiet()
     # From the console LightningCLI reads sys.argv itself (and warns if handed a copy).
     KilnCLI(None if args == sys.argv[1:] else args)
+
+
+class _ConfigOnly(KilnCLI):
+    """KilnCLI's parser and nothing else: no run directory, no hardware check, nothing built."""
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _set_seed(self) -> None:
+        pass
+
+
+def read_config(args: list[str]) -> dict:
+    """The config `kiln fit` would run, as plain data: every `-c` composed and every `--key value`
+    applied by the same jsonargparse parser, each section checked against its class, nothing
+    instantiated (`kiln plan` reads configs this way)."""
+    with warnings.catch_warnings():  # handed its own args, LightningCLI warns that the command line has others
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = _ConfigOnly(args, run=False)
+    return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False, skip_check=True))

@@ -55,7 +55,6 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
-import yaml
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -74,21 +73,11 @@ DEEPSPEED = {"reduce_bucket_size": 2e8, "overlap_comm": True, "contiguous_gradie
              "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9}
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+def load_config(paths: list[str], overrides: list[str] = ()) -> dict:
+    """The configs at `paths` composed, with `--key value` overrides, as `kiln fit` reads them."""
+    from kiln.trainers.commands.fit import read_config
 
-
-def load_config(paths: list[str]) -> dict:
-    config: dict = {}
-    for path in paths:
-        with open(path) as f:
-            config = _merge(config, yaml.safe_load(f) or {})
-    if "model" not in config:
-        raise ValueError(f"no model in {', '.join(paths)}")
-    return config
+    return read_config([arg for path in paths for arg in ("-c", path)] + list(overrides))
 
 
 def _strategy_of(config: dict) -> str:
@@ -285,8 +274,9 @@ def unsupported(module: Family) -> dict[str, str]:
     return {}
 
 
-def plan(paths: list[str], nodes: int, gpus_per_node: int, micro_batch: int | None = None) -> dict[str, Any]:
-    config = load_config(paths)
+def plan(paths: list[str], nodes: int, gpus_per_node: int, micro_batch: int | None = None,
+         overrides: list[str] = ()) -> dict[str, Any]:
+    config = load_config(paths, overrides)
     with torch.device("meta"):
         module = _instantiate(config["model"], Family)
     batch = micro_batch or config.get("data", {}).get("init_args", {}).get("batch_size") or 1
@@ -323,10 +313,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--micro-batch", type=int, help="samples per GPU per step (default: the config's batch_size)")
     parser.add_argument("--strategy", choices=STRATEGIES, help="the strategy to check (default: the config's)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)  # the rest: `--key value` as `kiln fit` takes them
     if args.nodes < 1 or args.gpus_per_node < 1:
         raise ValueError("--nodes and --gpus-per-node must be at least 1")
-    result = plan(args.config, args.nodes, args.gpus_per_node, args.micro_batch)
+    result = plan(args.config, args.nodes, args.gpus_per_node, args.micro_batch, overrides)
     chosen = args.strategy or result["strategy"]
     budget = args.gpu_memory_gib * GIB
     result["fits"] = {name: m["total"] <= budget for name, m in result["memory_per_gpu"].items()
