@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import posixpath
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -120,3 +121,20 @@ def write_shards(out: str, builder: str, splits: Mapping[str, Iterable[dict]], s
                 fs.rm(stale)  # readers may glob the folder
     _put_json(fs, manifest_path, manifest)
     return manifest
+
+
+def builder_of(urls: str | list[str] | dict | None) -> str | None:
+    """The builder (`kiln data <builder>`: "fashion-mnist", "digits", "emoji", ...) that wrote
+    the first shard of `urls`, from the manifest beside it or one or two folders up (a build
+    keeps each split or style in a folder of its own); None where no manifest says."""
+    if isinstance(urls, dict):
+        urls = next(iter(urls.values()), None)
+    first = urls if isinstance(urls, str) or urls is None else (urls[0] if urls else None)
+    if first is None:
+        return None
+    folder = posixpath.dirname(first.split("{")[0])
+    for _ in range(3):
+        if builder := read_manifest(folder).get("builder"):
+            return builder
+        folder = posixpath.dirname(folder.rstrip("/"))
+    return None
