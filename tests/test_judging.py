@@ -53,8 +53,9 @@ def test_each_cascade_stage_is_judged_at_its_own_size(digits, tmp_path):
     assert scores["eval/upsampled/judge/accuracy"] >= 0.8 and "eval/upsampled/fid" in scores
 
 
-def _toy_config(path, digits: str, lr: float, batch_size: int, steps: int, callbacks: str = "") -> str:
-    """`kiln fit` of the toy model on the digits shards (callbacks: YAML lines under trainer)."""
+def _toy_config(path, digits: str, lr: float, batch_size: int, steps: int, callbacks: str = "", more: str = "") -> str:
+    """`kiln fit` of the toy model on the digits shards (callbacks: YAML lines under trainer;
+    more: top-level YAML lines)."""
     path.write_text(f"""\
 model:
   class_path: tests.toy_generator.ClassMeans
@@ -74,8 +75,35 @@ trainer:
   enable_progress_bar: false{callbacks}
 wandb:
   mode: disabled
-""")
+{more}""")
     return str(path)
+
+
+def test_a_learn_config_trains_the_stages_it_names_first(digits, tmp_path):
+    """`stages:` names the runs a config builds on; `kiln fit` trains a missing one into the cache
+    first and hands its checkpoint to `stage:NAME`; the next run finds it there."""
+    base = _toy_config(tmp_path / "base.yaml", digits, lr=0.05, batch_size=32, steps=20)
+    config = _toy_config(tmp_path / "second.yaml", digits, lr=0.0, batch_size=32, steps=2,
+                         more=f"stages: {{base: {base}}}\n")
+    Path(config).write_text(Path(config).read_text().replace("init_args: {lr: 0.0}", "init_args: {lr: 0.0, start_from: stage:base}"))
+    env = {"PYTHONPATH": str(REPO), "KILN_TRUSTED_PACKAGES": "tests", "KILN_CACHE": str(tmp_path / "cache")}
+    r = kiln("fit", "-c", config, "--run_dir", str(tmp_path / "run"), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "stage 'base' is not trained yet: training it first" in r.stdout
+    [stage] = (tmp_path / "cache" / "stages").glob("base-*")
+    assert (stage / "done").exists()
+    import torch
+
+    def means(ckpt) -> torch.Tensor:
+        return torch.load(ckpt, weights_only=True)["state_dict"]["model.means"]
+
+    trained = means(stage / "checkpoints" / "last.ckpt")
+    assert trained.abs().sum() > 0 and torch.equal(means(tmp_path / "run" / "checkpoints" / "last.ckpt"), trained)
+    r = kiln("fit", "-c", config, "--run_dir", str(tmp_path / "again"), env=env)
+    assert r.returncode == 0 and "not trained yet" not in r.stdout, r.stderr[-3000:]
+    Path(config).write_text(Path(config).read_text().replace("stage:base", "stage:tokenizer"))
+    r = kiln("fit", "-c", config, "--run_dir", str(tmp_path / "bad"), env=env)
+    assert r.returncode != 0 and "'stage:tokenizer' names no stage of this config (stages: base)" in r.stderr, r.stderr
 
 
 def test_two_ranks_score_like_one(digits, tmp_path):

@@ -11,10 +11,21 @@ from kiln.modules.family import Family, Generated, Grid, Spec
 
 
 class ClassMeans(Family):
-    def __init__(self, num_classes: int = 10, size: int = 8, noise: float = 0.05, lr: float = 0.05):
+    """Args:
+        start_from: a ClassMeans checkpoint whose class images this one starts from (a second
+            stage: a learn config names it as `stage:NAME`).
+    """
+
+    def __init__(self, num_classes: int = 10, size: int = 8, noise: float = 0.05, lr: float = 0.05,
+                 start_from: str | None = None):
         super().__init__()
         self.noise, self.lr = noise, lr
         self.model = torch.nn.ParameterDict({"means": torch.nn.Parameter(torch.zeros(num_classes, 1, size, size))})
+        if start_from:
+            from kiln.modules.loading import load_module
+
+            with torch.no_grad():
+                self.means.copy_(load_module(start_from).means)
 
     @property
     def means(self) -> torch.nn.Parameter:

@@ -29,6 +29,7 @@ from kiln.trainers.strategies import ParameterSharding, for_module
 from kiln.launch.run_name import default_run_dir
 from kiln.trainers.callbacks.run_dir import JsonlLogger, LastCheckpoint, RunDirectory, wandb_run_id
 from kiln.trainers.checkpoints.files import is_url
+from kiln.trainers.commands import stages
 
 
 @dataclass
@@ -75,6 +76,10 @@ class KilnCLI(LightningCLI):
         parser.add_class_arguments(WandbSettings, "wandb")
         parser.add_class_arguments(CheckpointSettings, "checkpoint")
         parser.add_class_arguments(SampleSettings, "samples")
+        parser.add_argument("--stages", type=dict[str, str] | None, default=None,
+                            help="Stages this run builds on, name -> config: each is trained into the cache "
+                                 "first if missing, and a value `stage:NAME` in this config becomes its "
+                                 "checkpoint (trainers/commands/stages.py).")
         parser.add_argument("--threads", type=int | None, default=None,
                             help="Intra-op CPU threads of each training process (torch.set_num_threads); "
                                  "default: torch's (OMP_NUM_THREADS, else the cores). Small models on few "
@@ -88,6 +93,10 @@ class KilnCLI(LightningCLI):
         os.environ["KILN_RUN_DIR"] = cfg.run_dir
         cfg.trainer.default_root_dir = cfg.run_dir
         _check_hardware(cfg.trainer)
+        if cfg.get("stages"):
+            checkpoints = {name: stages.ensure_stage(name, config) for name, config in cfg.stages.items()}
+            for key, value in list(cfg.items()):
+                cfg[key] = stages.resolve(value, checkpoints)
         if cfg.get("threads") is not None:
             if cfg.threads < 1:
                 raise ValueError(f"threads must be at least 1, got {cfg.threads}")
