@@ -198,8 +198,9 @@ def test_the_family_declares_and_trainers_build_the_ddp_settings():
     from kiln.modules.stylegan.lit_module import StyleGAN2Module
     from kiln.trainers.strategies import FSDP2, for_module
 
-    for gan in (StyleGAN2Module, BigGANModule):
-        assert gan.find_unused_parameters
+    tiny = {family: yaml.safe_load((REPO / config).read_text())["model"]["init_args"] for family, (config, _) in FAMILIES.items()}
+    for gan in (StyleGAN2Module(**tiny["stylegan"]), BigGANModule(**tiny["biggan"])):
+        assert gan.spec().find_unused_parameters and gan.spec().optimizers == 2
         for name in ("ddp", "ddp_spawn"):
             assert isinstance(for_module(name, gan, "cpu", 2), DDPStrategy)
         assert isinstance(for_module("auto", gan, "cpu", 2), DDPStrategy)  # Lightning would pick DDP
@@ -207,9 +208,8 @@ def test_the_family_declares_and_trainers_build_the_ddp_settings():
         assert for_module("auto", gan, "cpu", 1) == "auto"  # one process: no DDP
         fsdp = FSDP2()
         assert for_module(fsdp, gan, "cpu", 2) is fsdp
-    assert for_module("ddp", CLIPModule, "cpu", 2) == "ddp"  # nothing declared: Lightning's own
+    assert for_module("ddp", CLIPModule(), "cpu", 2) == "ddp"  # nothing declared: Lightning's own
     # R1 and path length backpropagate through a gradient: FSDP2 keeps gathered weights for them.
-    tiny = {family: yaml.safe_load((REPO / config).read_text())["model"]["init_args"] for family, (config, _) in FAMILIES.items()}
-    assert StyleGAN2Module(**tiny["stylegan"]).double_backward
-    assert not StyleGAN2Module(**{**tiny["stylegan"], "r1_gamma": 0.0, "pl_weight": 0.0}).double_backward
-    assert not BigGANModule(**tiny["biggan"]).double_backward
+    assert StyleGAN2Module(**tiny["stylegan"]).spec().double_backward
+    assert not StyleGAN2Module(**{**tiny["stylegan"], "r1_gamma": 0.0, "pl_weight": 0.0}).spec().double_backward
+    assert not BigGANModule(**tiny["biggan"]).spec().double_backward

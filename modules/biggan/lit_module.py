@@ -10,12 +10,12 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kiln.modules.biggan.networks import Discriminator, Generator, orthogonal_regularisation, truncated_normal
 from kiln.modules.gan.lit_module import AdversarialModule, GANPair, GanLoss
 from kiln.modules.blocks.cross_replica_bn import convert_cross_replica
+from kiln.modules.blocks.images import to_shape
 from kiln.modules.ema import weights_for_sampling
 from kiln.modules.family import Generated, Grid, Spec
 
@@ -110,12 +110,7 @@ class BigGANModule(AdversarialModule):
 
     # -- training --------------------------------------------------------------------------------
     def _images(self, images: Tensor) -> Tensor:
-        c, size = self.hparams.channels, self.hparams.image_size
-        if images.shape[1] != c:
-            images = images.mean(1, keepdim=True) if c == 1 else images.expand(-1, c, -1, -1)
-        if images.shape[-1] != size:
-            images = F.interpolate(images, size=size, mode="bilinear", antialias=True).clamp(-1, 1)
-        return images
+        return to_shape(images, (self.hparams.channels, self.hparams.image_size, self.hparams.image_size))
 
     def real(self, batch: dict) -> tuple[Tensor, Tensor]:
         return self._images(batch["image"]), batch["label"]

@@ -30,23 +30,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kiln.modules.eval.metrics import FidKid, class_spread, inception_score, precision_recall
+from kiln.modules.blocks.images import to_shape
 from kiln.modules.family import Family
 
 METRICS = ("fid", "kid", "precision_recall", "judge", "is", "l1")
-
-
-def resize_like(images: Tensor, shape: tuple) -> Tensor:
-    """Real images brought to a stage's (C, H, W): antialiased resize, grey <-> RGB."""
-    c, h, w = shape
-    if images.shape[-2:] != (h, w):
-        images = F.interpolate(images, size=(h, w), mode="bilinear", antialias=True).clamp(-1, 1)
-    if images.shape[1] != c:
-        images = images.mean(1, keepdim=True) if c == 1 else images.expand(-1, c, -1, -1)
-    return images
 
 
 def _same(tensor: Tensor) -> Tensor:
@@ -106,7 +96,7 @@ class Evaluator:
     def _real_features(self, shape: tuple, device: torch.device) -> Tensor:
         if shape not in self._real:
             real = self.real_images
-            self._real[shape] = torch.cat([self.extractor(resize_like(real[i:i + self.batch_size].to(device), shape))
+            self._real[shape] = torch.cat([self.extractor(to_shape(real[i:i + self.batch_size].to(device), shape))
                                            for i in range(0, len(real), self.batch_size)])
         return self._real[shape]
 

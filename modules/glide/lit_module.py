@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kiln.modules.blocks.diffusion import GaussianDiffusion, classifier_free_guidance, drop_condition
+from kiln.modules.blocks.images import to_shape
 from kiln.modules.blocks.tokenizer import ByteTokenizer
 from kiln.modules.family import Family, Generated, Grid, Spec
 from kiln.modules.glide.networks import GLIDENet, TextConfig
@@ -121,10 +122,7 @@ class GLIDEModule(Family):
         return images.mean(1, keepdim=True) if self.hparams.channels == 1 else images.expand(-1, 3, -1, -1)
 
     def _images(self, images: Tensor) -> Tensor:
-        images = self._channels(images)
-        if images.shape[-1] != self.hparams.image_size:
-            images = F.interpolate(images, size=self.hparams.image_size, mode="bicubic", antialias=True).clamp(-1, 1)
-        return images
+        return to_shape(images, self._shape(), mode="bicubic")
 
     def low_res(self, images: Tensor) -> Tensor:
         """Real images -> the upsampler's input: down to low_res_size (antialiased)."""

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kiln.modules.blocks.ada import PRESETS, AdaptiveAugment
+from kiln.modules.blocks.images import to_shape
 from kiln.modules.gan.lit_module import AdversarialModule, GANPair, _size
 from kiln.modules.stylegan.networks import Discriminator, Generator
 from kiln.modules.ema import weights_for_sampling
@@ -147,12 +148,7 @@ class StyleGAN2Module(AdversarialModule):
 
     # -- training --------------------------------------------------------------------------------
     def _images(self, images: Tensor) -> Tensor:
-        c, size = self.hparams.channels, self.hparams.image_size
-        if images.shape[1] != c:
-            images = images.mean(1, keepdim=True) if c == 1 else images.expand(-1, c, -1, -1)
-        if images.shape[-1] != size or images.shape[-2] != size:
-            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True).clamp(-1, 1)
-        return images
+        return to_shape(images, (self.hparams.channels, self.hparams.image_size, self.hparams.image_size))
 
     def real(self, batch: dict) -> tuple[Tensor, None]:
         return self._images(batch["image"]), None
