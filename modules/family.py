@@ -22,7 +22,6 @@ error; False: the live weights) as an argument.
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -30,6 +29,8 @@ from typing import Literal
 import lightning as L
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
+
+from kiln.modules.ema import network
 
 # What `kiln sample` can hand a family (its flags: --prompt, --class, --input, --label-map).
 Condition = Literal["prompts", "classes", "inputs", "label_maps"]
@@ -119,7 +120,7 @@ class Family(L.LightningModule):
 
     def resolve(self, path: str) -> nn.Module:
         """A network by attribute path ("model.visual")."""
-        return functools.reduce(getattr, path.split("."), self)
+        return network(self, path)
 
     # -- generating (families with spec().generates) ---------------------------------------------
     def generate(self, num: int = 1, seed: int = 0, *, use_ema: bool | None = None, **given) -> Tensor | dict[str, Tensor]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.modules.family import Family, Generated, Grid, Spec
+from kiln.modules.family import Family, Generated, Grid, PlanPhase, Spec
 
 
 class ClassMeans(Family):
@@ -38,8 +38,6 @@ class ClassMeans(Family):
         return ()
 
     def plan_phases(self, batch_size: int):
-        from kiln.modules.family import PlanPhase
-
         labels = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         return [PlanPhase("step", "model", ("model",), lambda: self.means[labels].square().mean().backward())]
 

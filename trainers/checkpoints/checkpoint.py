@@ -76,6 +76,17 @@ def build_from_checkpoint(ckpt: dict[str, Any], load_weights: bool = True) -> tu
     return model, data
 
 
+def open_run(path: str, doing: str) -> tuple[dict[str, Any], Family, L.LightningDataModule | None]:
+    """(checkpoint, family, data module) of the kiln checkpoint at `path`, for a command that
+    will `doing` it; a config that cannot be rebuilt is one line naming the family."""
+    ckpt = load_checkpoint(path)
+    try:
+        model, data = build_from_checkpoint(ckpt)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot {doing} this '{family_of(ckpt)}' checkpoint: {e}") from None
+    return ckpt, model, data
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint under a temporary name and renames it into place, so a crash
     mid-save leaves the previous `last.ckpt` intact instead of a truncated one."""

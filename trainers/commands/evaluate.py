@@ -12,7 +12,7 @@ import torch
 
 from kiln.modules.family import Family
 from kiln.trainers.commands.args import CommandParser
-from kiln.trainers.checkpoints.checkpoint import CheckpointError, build_from_checkpoint, family_of, load_checkpoint
+from kiln.trainers.checkpoints.checkpoint import CheckpointError, build_from_checkpoint, family_of, open_run
 from kiln.trainers.callbacks.progress import track
 
 
@@ -101,12 +101,8 @@ def main(argv: list[str]) -> None:
     overrides = {k: v for k, v in (("guidance_scale", args.guidance_scale), ("sampler", args.sampler),
                                    ("steps", args.steps), ("truncation", args.truncation)) if v is not None}
 
-    ckpt = load_checkpoint(args.ckpt)
+    ckpt, model, data = open_run(args.ckpt, "judge")
     family = family_of(ckpt)
-    try:
-        model, data = build_from_checkpoint(ckpt)
-    except CheckpointError as e:
-        raise CheckpointError(f"cannot judge this '{family}' checkpoint: {e}") from None
     spec = model.spec()
     if data is None:
         raise CheckpointError(f"{args.ckpt} names no data: its run's config has no held-out set to judge on")

@@ -171,17 +171,11 @@ def _run(module: nn.Module, step: Callable[[], None], flops: bool = True) -> dic
     return {"flops": counter.get_total_flops() if flops else 0, "activations": live.peak}
 
 
-def _model_pass(module: L.LightningModule, batch_size: int) -> dict[str, float]:
+def _model_pass(module: Family, batch_size: int) -> dict[str, float]:
     """FLOPs and working memory of `module.model`'s forward on `plan_inputs` and its backward
-    (a GAN's model is one D(G(z)) pass)."""
-    inputs = module.plan_inputs(batch_size)
-
-    def step() -> None:
-        out = module.model(*inputs)
-        leaves = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-        sum(t.float().sum() for t in leaves).backward()
-
-    return _run(module, step)
+    (a GAN's model is one D(G(z)) pass): the one phase `Family.plan_phases` runs by default."""
+    [phase] = Family.plan_phases(module, batch_size)
+    return _run(module, phase.run)
 
 
 def phases(module: Family, batch_size: int) -> list[dict[str, Any]]:

@@ -32,7 +32,7 @@ from PIL import Image
 
 from kiln.modules.family import Family
 from kiln.trainers.commands.args import CommandParser
-from kiln.trainers.checkpoints.checkpoint import CheckpointError, build_from_checkpoint, family_of, load_checkpoint
+from kiln.trainers.checkpoints.checkpoint import CheckpointError, open_run
 from kiln.trainers.callbacks.progress import working
 from kiln.trainers.callbacks.samples import grid_image
 
@@ -137,12 +137,7 @@ def main(argv: list[str]) -> None:
         raise ValueError(f"--num must be at least 1, got {args.num}")
 
     given = {OPTIONS[k]: v for k, v in vars(args).items() if k in OPTIONS and v is not None}
-    ckpt = load_checkpoint(args.ckpt)
-    family = family_of(ckpt)
-    try:
-        model, _ = build_from_checkpoint(ckpt)
-    except CheckpointError as e:
-        raise CheckpointError(f"cannot sample from this '{family}' checkpoint: {e}") from None
+    _, model, _ = open_run(args.ckpt, "sample from")
     check_options(model, given)
     names = conditions_of(given, args.num)
     if "inputs" in given:
