@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 from unittest.mock import patch
 
@@ -95,11 +97,56 @@ def s3_bucket(s3_server, request) -> str:
 
 
 def kiln(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the `kiln` console script the way a user does."""
-    return subprocess.run(
-        [shutil.which("kiln") or "kiln", *args], cwd=cwd or REPO, capture_output=True, text=True,
-        timeout=timeout, env={**os.environ, **(env or {})},
-    )
+    """Run the `kiln` console script the way a user does.
+
+    A run still going after `timeout` fails the test with where every one of its processes
+    (ranks, data workers) was: each gets SIGABRT, and Python's fault handler prints its threads'
+    stacks to stderr before the whole process group is killed (nothing of it outlives the test)."""
+    command = [shutil.which("kiln") or "kiln", *args]
+    with subprocess.Popen(command, cwd=cwd or REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})}, start_new_session=True) as p:
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for pid in _group(p.pid):  # one at a time, so that their stacks don't interleave
+                _signal(pid, signal.SIGABRT)
+                time.sleep(1)
+            try:
+                stdout, stderr = p.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                _signal_group(p.pid, signal.SIGKILL)
+                stdout, stderr = p.communicate()
+            _signal_group(p.pid, signal.SIGKILL)
+            stacks = "\n".join(line for line in stderr.splitlines() if "(total: " not in line)  # not the extension lists
+            pytest.fail(f"`kiln {' '.join(args)}` ran past {timeout:.0f} s; its processes' stacks:\n{stacks[-20000:]}")
+    return subprocess.CompletedProcess(command, p.returncode, stdout, stderr)
+
+
+def _group(pgid: int) -> list[int]:
+    """The processes of a process group, oldest first."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # pgrp
+            pids.append((int(fields[19]), int(stat.parent.name)))  # (start time, pid)
+    return [pid for _, pid in sorted(pids)]
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def read_metrics(run_dir: Path | str) -> list[dict]:
