@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import torch
 
-from kiln.modules.clip.evaluation import retrieval_among_candidates, zero_shot
+from kiln.modules.blocks.retrieval import retrieval_among_candidates, zero_shot
 from kiln.modules.clip.loss import clip_loss
 from kiln.modules.clip.networks import CLIP, CLIPConfig, TextConfig, VisionConfig
 from kiln.modules.blocks.tokenizer import ByteTokenizer

@@ -17,10 +17,10 @@ from kiln.trainers.callbacks.progress import track
 
 
 @torch.no_grad()
-def evaluate_clip(models: list, data: L.LightningDataModule, metrics: list[str], candidates: int = 100,
-                  draws: int = 100) -> list[dict[str, float]]:
+def evaluate_retrieval(models: list, data: L.LightningDataModule, metrics: list[str], candidates: int = 100,
+                       draws: int = 100) -> list[dict[str, float]]:
     """Judge each model on the held-out set, each item once, reading the data a single time."""
-    from kiln.modules.clip.evaluation import retrieval_among_candidates, zero_shot
+    from kiln.modules.blocks.retrieval import retrieval_among_candidates, zero_shot
 
     for model in models:
         model.eval()
@@ -109,7 +109,7 @@ def main(argv: list[str]) -> None:
     data.prepare_data()  # the held-out shards, built if missing
     judge = args.judge or judge_for(data)
     if spec.evaluation == "retrieval":
-        available, default, evaluator = RETRIEVAL, RETRIEVAL, evaluate_clip
+        available, default, evaluator = RETRIEVAL, RETRIEVAL, evaluate_retrieval
     else:
         from functools import partial
 

@@ -1,5 +1,6 @@
-"""Judge metrics for CLIP on held-out image-caption pairs: retrieval among random candidate
-sets and zero-shot classification over the whole caption vocabulary.
+"""Retrieval metrics for a family that embeds images and texts in one space (`Spec.evaluation ==
+"retrieval"`, CLIP): retrieval among random candidate sets and zero-shot classification over the
+whole caption vocabulary. Its validation step and `kiln eval` both score with these.
 
 Inputs are L2-normalised embeddings whose row i of images and row i of texts describe the
 same item (emoji keys, here); each caption is one class.
