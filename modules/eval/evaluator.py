@@ -20,7 +20,8 @@ show them; a cascade's stages prefix theirs with `<stage>/`):
 Sample i depends on (seed, i) only, so N ranks give one rank's scores: rank r draws samples r,
 r + N, ..., and every rank makes the same number of generation calls (a sharded forward is a
 collective: a rank calling once more than the others would wait forever). FID and KID go through
-torchmetrics (`FidKid`, states summed or gathered over ranks at `compute`); the other scores are
+torchmetrics (`FidKid`, states summed or gathered over ranks at `compute`), judge accuracy through
+torchmetrics' `multiclass_accuracy`; the other scores are
 computed on every rank from the features gathered over ranks (`gather`, passed in: this module
 talks to no process group itself). The inception score is kiln's, with seeded splits, where
 torchmetrics' `InceptionScore` draws its splits unseeded and so differs run to run.
@@ -31,6 +32,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+from torchmetrics.functional.classification import multiclass_accuracy
 
 from kiln.modules.eval.metrics import FidKid, class_spread, inception_score, precision_recall
 from kiln.modules.blocks.images import to_shape
@@ -157,7 +159,7 @@ class Evaluator:
             logits = self.gather(torch.cat([p[2][1] for p in parts]))
             if "judge" in self.metrics and parts[0][3] is not None:
                 labels = self.gather(torch.cat([p[3] for p in parts]).to(logits.device))
-                out["judge/accuracy"] = (logits.argmax(1) == labels).double().mean().item()
+                out["judge/accuracy"] = multiclass_accuracy(logits, labels, logits.shape[1], average="micro").item()
                 # Diversity within each class asked for, relative to real images as the judge reads them.
                 real_features, real_logits = self._judged_real()
                 out["judge/diversity"] = class_spread(judged_features, labels) / class_spread(real_features, real_logits.argmax(1))
