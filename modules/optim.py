@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -35,3 +36,17 @@ def adamw_with_warmup_cosine(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def constant_then_linear_decay(constant_steps: int, decay_steps: int) -> Callable[[int], float]:
+    """The learning-rate factor of Pix2Pix and CycleGAN (Zhu et al. 2017, 4: "the same learning
+    rate for the first 100 epochs and linearly decay the rate to zero over the next 100"), by
+    step: 1 for `constant_steps`, then down by 1 / (decay_steps + 1) a step, as the authors'
+    `1 - max(0, t + 1 - n) / (n_decay + 1)`; 0 after both. For `LambdaLR`."""
+    if constant_steps < 0 or decay_steps < 0:
+        raise ValueError(f"constant and decay steps must be >= 0, got {constant_steps} and {decay_steps}")
+
+    def factor(step: int) -> float:
+        return max(0.0, 1.0 - max(0, step + 1 - constant_steps) / (decay_steps + 1))
+
+    return factor

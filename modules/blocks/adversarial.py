@@ -1,5 +1,5 @@
 """The pieces of adversarial training that are plain PyTorch, shared by kiln's GAN families: the
-hinge and non-saturating losses, the R1 penalty, the lazy-regularisation rescaling of an
+hinge, non-saturating and least-squares losses, the R1 penalty, the lazy-regularisation rescaling of an
 optimiser's settings (StyleGAN2, appendix B), and `GANPair`, the two networks. The phases that
 train them live in `kiln.modules.gan.lit_module.AdversarialModule`.
 """
@@ -11,26 +11,38 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-GanLoss = Literal["hinge", "non_saturating"]
+GanLoss = Literal["hinge", "non_saturating", "least_squares"]
+GAN_LOSSES = ("hinge", "non_saturating", "least_squares")
 
 
 def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: GanLoss) -> Tensor:
     """Hinge (Lim & Ye 2017; BigGAN): relu(1 - D(x)) + relu(1 + D(G(z))); non-saturating
-    (Goodfellow et al. 2014; StyleGAN): softplus(-D(x)) + softplus(D(G(z)))."""
+    (Goodfellow et al. 2014; StyleGAN, and Pix2Pix's "vanilla" cross-entropy): softplus(-D(x)) +
+    softplus(D(G(z))); least squares (Mao et al. 2017, LSGAN, with a = 0, b = c = 1; CycleGAN):
+    (D(x) - 1)^2 + D(G(z))^2. Logits of any shape (a PatchGAN's map) are averaged over every
+    element."""
     if kind == "hinge":
         return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
     if kind == "non_saturating":
         return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
-    raise ValueError(f"unknown GAN loss {kind!r}; choose 'hinge' or 'non_saturating'")
+    if kind == "least_squares":
+        return (real_logits - 1).square().mean() + fake_logits.square().mean()
+    raise ValueError(_unknown(kind))
 
 
 def generator_loss(fake_logits: Tensor, kind: GanLoss) -> Tensor:
-    """Hinge: -D(G(z)); non-saturating: softplus(-D(G(z)))."""
+    """Hinge: -D(G(z)); non-saturating: softplus(-D(G(z))); least squares: (D(G(z)) - 1)^2."""
     if kind == "hinge":
         return -fake_logits.mean()
     if kind == "non_saturating":
         return F.softplus(-fake_logits).mean()
-    raise ValueError(f"unknown GAN loss {kind!r}; choose 'hinge' or 'non_saturating'")
+    if kind == "least_squares":
+        return (fake_logits - 1).square().mean()
+    raise ValueError(_unknown(kind))
+
+
+def _unknown(kind: str) -> str:
+    return f"unknown GAN loss {kind!r}; choose one of {', '.join(map(repr, GAN_LOSSES))}"
 
 
 def r1_penalty(real_logits: Tensor, real_images: Tensor) -> Tensor:

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from kiln.modules.blocks.ada import AdaptiveAugment
 from kiln.modules.blocks.adversarial import (
+    GAN_LOSSES,
     GanLoss,
     GANPair,
     discriminator_loss,
@@ -76,7 +77,7 @@ class AdversarialModule(Family):
         generator_extra(batch, fake, cond) -> dict  optional: extra Gmain terms (name -> loss), e.g. L1
 
     Args:
-        loss: "hinge" or "non_saturating".
+        loss: "hinge", "non_saturating" or "least_squares".
         lr_g / lr_d, betas_g / betas_d, eps: Adam for each network (before lazy rescaling).
         r1_gamma: R1 weight (gamma / 2 * ||grad||^2); 0 turns Dreg off.
         d_reg_interval / g_reg_interval: lazy-regularisation intervals (None: every iteration, in
@@ -89,8 +90,8 @@ class AdversarialModule(Family):
                  eps: float = 1e-8, r1_gamma: float = 0.0, d_reg_interval: int | None = 16,
                  g_reg_interval: int | None = None, d_steps: int = 1):
         super().__init__()
-        if loss not in ("hinge", "non_saturating"):
-            raise ValueError(f"unknown GAN loss {loss!r}; choose 'hinge' or 'non_saturating'")
+        if loss not in GAN_LOSSES:
+            raise ValueError(f"unknown GAN loss {loss!r}; choose one of {', '.join(map(repr, GAN_LOSSES))}")
         for name, interval in (("d_reg_interval", d_reg_interval), ("g_reg_interval", g_reg_interval)):
             if interval is not None and interval < 1:
                 raise ValueError(f"{name} must be at least 1 (or null: every iteration), got {interval}")
