@@ -8,6 +8,7 @@ import torch
 from kiln.modules.blocks.adversarial import discriminator_loss, generator_loss
 from kiln.modules.blocks.image_pool import ImagePool
 from kiln.modules.blocks.patchgan import PatchGAN
+from kiln.modules.blocks.translators import AlwaysDropout, ResnetGenerator, UNetGenerator
 from kiln.modules.optim import constant_then_linear_decay
 
 
@@ -79,3 +80,24 @@ def test_learning_rate_is_constant_then_decays_linearly_to_zero():
     assert [factor(s) for s in (0, 99)] == [1.0, 1.0]
     assert factor(100) == pytest.approx(1 - 1 / 101) and factor(199) == pytest.approx(1 / 101)
     assert factor(200) == 0.0 and factor(10_000) == 0.0
+
+
+def test_generators_have_the_papers_sizes():
+    # The authors' code prints 54.414 M parameters for unet_256 and 11.378 M for resnet_9blocks.
+    unet, resnet = UNetGenerator(downs=8, norm="batch"), ResnetGenerator(blocks=9, norm="instance")
+    assert sum(p.numel() for p in unet.parameters()) == 54_413_955
+    assert sum(p.numel() for p in resnet.parameters()) == 11_378_179
+    assert resnet(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match="a 5-level U-Net needs sides divisible by 32, got \\(48, 40\\)"):
+        UNetGenerator(downs=5)(torch.zeros(1, 3, 48, 40))
+
+
+def test_unet_dropout_is_noise_at_test_time():
+    g = UNetGenerator(downs=5, norm="instance").eval()
+    x = torch.randn(2, 3, 32, 32)
+    a, b = g(x), g(x)
+    assert a.shape == x.shape and a.abs().max() <= 1
+    assert not torch.equal(a, b)  # dropout stays on in eval(): the paper's noise
+    assert sum(isinstance(m, AlwaysDropout) for m in g.modules()) == 3
+    quiet = UNetGenerator(downs=5, norm="instance", dropout=False).eval()
+    torch.testing.assert_close(quiet(x), quiet(x))

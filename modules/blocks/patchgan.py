@@ -32,6 +32,19 @@ def norm_layer(kind: Norm, channels: int) -> nn.Module:
     raise ValueError(f"unknown normalisation {kind!r}; choose 'batch', 'instance' or 'none'")
 
 
+def init_normal(module: nn.Module) -> None:
+    """N(0, 0.02) weights and zero biases, batch-norm gains N(1, 0.02): the initialisation of the
+    Pix2Pix paper (appendix 6.2) and CycleGAN's code."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
 class PatchGAN(nn.Module):
     """D(image) -> (N, 1, H', W') logits, one per patch.
 
@@ -57,14 +70,7 @@ class PatchGAN(nn.Module):
         blocks.append(nn.Conv2d(width, 1, 4, 1, 1))
         self.net = nn.Sequential(*blocks)
         self.layers = layers
-        for m in self.modules():  # N(0, 0.02) weights, as the paper's appendix 6.2 and the authors' code
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.normal_(m.weight, 1.0, 0.02)
-                nn.init.zeros_(m.bias)
+        init_normal(self)
 
     def forward(self, image: Tensor) -> Tensor:
         return self.net(image)
