@@ -17,6 +17,13 @@ Layout written by :func:`write_emoji_shards` (any fsspec URL)::
 
     {out}/{style}/{style}-000000.tar   samples keyed by emoji key: png, txt, cls, json
     {out}/manifest.json                written last: its presence means the build completed
+
+and by :func:`write_emoji_pair_shards` (``kiln data emoji-pairs``), the same emoji in two styles
+as aligned pairs, in three splits::
+
+    {out}/train/train-000000.tar       input.png (one style), target.png (the other), txt, cls, json
+    {out}/val/...                      a random share of the emoji: their skin-tone siblings train
+    {out}/val-designs/...              whole base designs held out: no variant of one trains
 """
 
 from __future__ import annotations
@@ -291,3 +298,55 @@ def ensure_emoji_shards(root: str, size: int = 64, accept_any: bool = False, gro
     if not complete:
         write_emoji_shards(root, size=size, groups=groups)
     return root
+
+
+def split_by_design(emojis: Sequence[Emoji], val_fraction: float, design_fraction: float,
+                    seed: int) -> dict[str, list[Emoji]]:
+    """train / val / val-designs: first `design_fraction` of the base designs with every variant
+    (`val-designs`), then `val_fraction` of all emoji at random from the rest (`val`), whose
+    skin-tone siblings may train; each split in a seeded random order."""
+    if not (0 <= val_fraction < 1 and 0 <= design_fraction < 1 and val_fraction + design_fraction < 1):
+        raise ValueError(f"held-out fractions must be in [0, 1) and sum below 1, got {val_fraction} and {design_fraction}")
+    rng = random.Random(seed)
+    bases = sorted({emoji.base for emoji in emojis})
+    held = set(rng.sample(bases, round(len(bases) * design_fraction)))
+    designs = [emoji for emoji in emojis if emoji.base in held]
+    rest = rng.sample([emoji for emoji in emojis if emoji.base not in held], len(emojis) - len(designs))
+    n_val = min(round(len(emojis) * val_fraction), len(rest))
+    return {"train": rest[n_val:], "val": rest[:n_val], "val-designs": rng.sample(designs, len(designs))}
+
+
+def _encode_pair(job: tuple[Emoji, str, str, int]) -> tuple[bytes, bytes]:
+    emoji, source, target, size = job
+    return png_bytes(render(emoji, source, size)), png_bytes(render(emoji, target, size))
+
+
+def write_emoji_pair_shards(out: str, source: str = "twemoji", target: str = "noto", size: int = 64,
+                            val_fraction: float = 0.1, design_fraction: float = 0.1, shard_size: int = 256,
+                            limit: int | None = None, progress: bool = True, workers: int = 2, seed: int = 0) -> dict:
+    """The emoji both styles draw, as aligned (`source` -> `target`) pairs: the same design drawn
+    twice is a true pair, so even a model trained unpaired is scored on real pairs. Splits as
+    :func:`split_by_design`; `limit`: the first N of each split."""
+    if source == target:
+        raise ValueError(f"a pair needs two styles, got {source!r} twice")
+    parts = {name: items[:limit] for name, items in
+             split_by_design(catalogue((source, target)), val_fraction, design_fraction, seed).items()}
+    meta = {"version": MANIFEST_VERSION, "size": size, "source": source, "target": target, "limit": limit,
+            "seed": seed, "val_fraction": val_fraction, "design_fraction": design_fraction, "categories": categories()}
+    pool = multiprocessing.Pool(workers) if workers > 1 else None
+
+    def samples(split: str, emojis: list[Emoji]) -> Iterator[dict]:
+        jobs = [(emoji, source, target, size) for emoji in emojis]
+        pngs = pool.imap(_encode_pair, jobs, chunksize=16) if pool else map(_encode_pair, jobs)
+        for emoji, (a, b) in zip(emojis, pngs):
+            info = dataclasses.asdict(emoji) | {"source": source, "target": target, "split": split}
+            yield {"__key__": emoji.key, "input.png": a, "target.png": b, "txt": emoji.name.encode("utf-8"),
+                   "cls": str(emoji.category).encode("ascii"), "json": json.dumps(info).encode("utf-8")}
+
+    try:
+        splits = {name: samples(name, emojis) for name, emojis in parts.items()}
+        return write_shards(out, "emoji-pairs", splits, shard_size=shard_size, meta=meta,
+                            total=sum(map(len, parts.values())), progress=progress)
+    finally:
+        if pool is not None:
+            pool.terminate()

@@ -1,5 +1,6 @@
-"""The shared pieces of the image-to-image GANs (issue #27): the PatchGAN discriminator, the
-least-squares loss, the image history pool and the constant-then-linear learning rate."""
+"""The shared pieces of the image-to-image GANs (issue #27): the PatchGAN discriminator, the U-Net
+and ResNet generators, the least-squares loss, the image history pool, the constant-then-linear
+learning rate and the translation scores."""
 from __future__ import annotations
 
 import pytest
@@ -9,6 +10,7 @@ from kiln.modules.blocks.adversarial import discriminator_loss, generator_loss
 from kiln.modules.blocks.image_pool import ImagePool
 from kiln.modules.blocks.patchgan import PatchGAN
 from kiln.modules.blocks.translators import AlwaysDropout, ResnetGenerator, UNetGenerator
+from kiln.modules.eval.translation import nearest_targets, translation_scores
 from kiln.modules.optim import constant_then_linear_decay
 
 
@@ -101,3 +103,20 @@ def test_unet_dropout_is_noise_at_test_time():
     assert sum(isinstance(m, AlwaysDropout) for m in g.modules()) == 3
     quiet = UNetGenerator(downs=5, norm="instance", dropout=False).eval()
     torch.testing.assert_close(quiet(x), quiet(x))
+
+
+def test_translation_scores_beside_identity_and_a_lookup():
+    g = torch.Generator().manual_seed(0)
+    train_inputs, held_inputs = torch.rand(40, 3, 4, 4, generator=g), torch.rand(6, 3, 4, 4, generator=g)
+    invert = lambda x: 1 - x  # noqa: E731 - the true translation of this toy domain pair
+    train_targets, held_targets = invert(train_inputs), invert(held_inputs)
+    perfect = translation_scores(invert(held_inputs), held_targets, held_inputs, train_inputs, train_targets)
+    assert perfect["l1"] == 0 and perfect["l1_identity"] > 0.2
+    # The lookup answers with the target of the nearest training input: exact for a held-out
+    # input that is a training input, far for new ones.
+    near = nearest_targets(torch.cat([train_inputs[7:8], held_inputs]), train_inputs, train_targets)
+    torch.testing.assert_close(near[0], train_targets[7])
+    assert 0 < perfect["l1_nearest"] < perfect["l1_identity"]
+    assert "l1_nearest" not in translation_scores(held_inputs, held_targets, held_inputs)
+    with pytest.raises(ValueError, match="must match in shape"):
+        translation_scores(held_inputs[:2], held_targets, held_inputs)

