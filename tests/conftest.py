@@ -2,6 +2,7 @@
 process-wide state reset between tests (default dtype, process groups, environment variables)."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -103,8 +104,10 @@ def kiln(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | 
     (ranks, data workers) was: each gets SIGABRT, and Python's fault handler prints its threads'
     stacks to stderr before the whole process group is killed (nothing of it outlives the test)."""
     command = [shutil.which("kiln") or "kiln", *args]
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})}
+    env.setdefault("MASTER_PORT", _master_port())
     with subprocess.Popen(command, cwd=cwd or REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})}, start_new_session=True) as p:
+                          env=env, start_new_session=True) as p:
         try:
             stdout, stderr = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -120,6 +123,20 @@ def kiln(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | 
             stacks = "\n".join(line for line in stderr.splitlines() if "(total: " not in line)  # not the extension lists
             pytest.fail(f"`kiln {' '.join(args)}` ran past {timeout:.0f} s; its processes' stacks:\n{stacks[-20000:]}")
     return subprocess.CompletedProcess(command, p.returncode, stdout, stderr)
+
+
+_PORTS = itertools.count()
+
+
+def _master_port() -> str:
+    """A MASTER_PORT for a multi-process run of this test worker's own: 2,000 ports a worker, below
+    Linux's ephemeral range (32768-60999). Left to itself Lightning binds port 0, closes it and
+    starts the ranks, and rank 0's store binds it only later: a run of the other test worker that
+    picked the same port in between (or is handed it as an ephemeral one) joins the wrong store and
+    waits there until the timeout, as parallel distributed test suites have seen (pytorch/pytorch
+    #195994). A run that needs no port ignores it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    return str(20_000 + 2_000 * (int(worker) % 6) + next(_PORTS) % 2_000)
 
 
 def _group(pgid: int) -> list[int]:
