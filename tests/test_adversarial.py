@@ -2,7 +2,9 @@
 kiln.modules.gan.lit_module): losses, R1 against
 per-sample autograd, lazy-regularisation rescaling, and one Lightning run of a toy GAN whose
 phases are recorded: their order, the optimiser each steps, and that only that network's
-weights received gradients."""
+weights received gradients; then the image-to-image settings: one generator pass shared by both
+phases, real and generated images in separate D passes under batch statistics, and learning rates
+held then decayed."""
 from __future__ import annotations
 
 import lightning as L
@@ -138,3 +140,51 @@ def test_bad_settings_are_one_line_errors():
         ToyGAN(d_steps=0)
     with pytest.raises(ValueError, match="unknown GAN loss 'lsgan'"):
         ToyGAN(loss="lsgan")
+
+
+class CountingToyGAN(ToyGAN):
+    """ToyGAN that counts its generator's and discriminator's passes; D may batch-normalise."""
+
+    def __init__(self, batch_norm: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        if batch_norm:
+            self.model.discriminator = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))
+        self.passes = {"G": 0, "D": 0}
+        self.generator.register_forward_hook(lambda *_: self.passes.__setitem__("G", self.passes["G"] + 1))
+        self.discriminator.register_forward_hook(lambda *_: self.passes.__setitem__("D", self.passes["D"] + 1))
+
+
+class ReusingToyGAN(CountingToyGAN):
+    reuse_fake = True
+
+
+def test_a_family_can_reuse_one_generator_pass_per_iteration():
+    fresh, reusing = _fit(CountingToyGAN(), steps=3), _fit(ReusingToyGAN(), steps=3)
+    assert fresh.passes["G"] == 6 and reusing.passes["G"] == 3  # D's and G's phases share the pass
+    # Each phase still steps only its own network, and G learns through the shared pass.
+    assert [r[1:] for r in reusing.record] == [("Dmain", 8, "D", True), ("Gmain", 8, "G", True)] * 3
+    before = ReusingToyGAN()
+    weights = before.generator.weight.detach().clone()
+    assert not torch.equal(_fit(before, steps=2).generator.weight, weights)
+    with pytest.raises(ValueError, match="ReusingToyGAN reuses one generator pass per iteration: d_steps must be 1, got 2"):
+        ReusingToyGAN(d_steps=2)
+
+
+def test_batch_statistics_keep_real_and_fake_passes_apart():
+    batch = {"image": torch.randn(8, 4)}
+    joint, apart = CountingToyGAN(), CountingToyGAN(batch_norm=True)
+    joint.d_main(batch), apart.d_main(batch)
+    assert joint.passes["D"] == 1 and apart.passes["D"] == 2
+    # Apart, the real logits are those of the real batch alone, whatever the fakes are.
+    real_only = apart.discriminate(batch["image"], None)
+    torch.testing.assert_close(apart.d_main(batch)["real_logits"], real_only.detach().mean())
+
+
+def test_learning_rates_stay_then_decay_linearly_once_per_iteration():
+    module = _fit(ToyGAN(lr_constant_steps=2, lr_decay_steps=2, lr_g=3e-4, lr_d=6e-4), steps=3)
+    g_opt, d_opt = module.optimizers()
+    # After 3 iterations: 1 - (3 + 1 - 2) / (2 + 1) = 1/3 of each network's rate.
+    assert g_opt.param_groups[0]["lr"] == pytest.approx(1e-4) and d_opt.param_groups[0]["lr"] == pytest.approx(2e-4)
+    assert _fit(ToyGAN(lr_constant_steps=2, lr_decay_steps=2), steps=4).optimizers()[0].param_groups[0]["lr"] == 0
+    with pytest.raises(ValueError, match="constant and decay steps must be >= 0"):
+        ToyGAN(lr_constant_steps=-1)

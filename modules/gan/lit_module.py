@@ -21,6 +21,14 @@ callback (`ema_target = "generator"`). Every image the discriminator sees goes t
 there, whose probability p the Dmain phases steer from D's outputs on real images (summed over
 ranks as they are seen) and which is logged as `train/ada_p`.
 
+Image-to-image GANs (Pix2Pix, CycleGAN) differ in three ways, each a setting here: a family
+with `reuse_fake = True` generates once per iteration, before the phases, and D's phase sees that
+output detached while G's backpropagates through it (Pix2Pix's dropout noise is then one draw per
+iteration, as in the paper); a discriminator with batch normalisation sees real and generated
+images in separate passes, so that neither batch's statistics normalise the other (a joint pass
+otherwise); and `lr_constant_steps` / `lr_decay_steps` hold both learning rates, then decay them
+linearly to 0 (`kiln.modules.optim.constant_then_linear_decay`), stepped once per iteration.
+
 Over several ranks, each rank's batch is its share of the global batch, and everything random is
 drawn for the global batch: every rank draws the whole global batch's latents, noise and
 augmentation parameters from generators seeded alike, and keeps its own share's (`randn`). Ranks
@@ -49,6 +57,7 @@ from kiln.modules.blocks.adversarial import (
     r1_penalty,
 )
 from kiln.modules.family import Family, PlanPhase, Spec
+from kiln.modules.optim import constant_then_linear_decay
 
 __all__ = ["AdversarialModule", "GANPair", "GanLoss", "Phase"]
 
@@ -83,12 +92,18 @@ class AdversarialModule(Family):
         d_reg_interval / g_reg_interval: lazy-regularisation intervals (None: every iteration, in
             the main phase, no rescaling).
         d_steps: discriminator steps per generator step, each on its own share of the batch.
+        d_loss_weight: D's adversarial loss times this (Pix2Pix halves it, 3.3 of the paper).
+        lr_constant_steps / lr_decay_steps: with the first set, both learning rates stay constant
+            that many iterations, then decay linearly to 0 over the second.
     """
+
+    reuse_fake = False  # one generator pass per iteration, shared by D's and G's phases
 
     def __init__(self, loss: GanLoss = "hinge", lr_g: float = 2e-4, lr_d: float = 2e-4,
                  betas_g: tuple[float, float] = (0.0, 0.999), betas_d: tuple[float, float] = (0.0, 0.999),
                  eps: float = 1e-8, r1_gamma: float = 0.0, d_reg_interval: int | None = 16,
-                 g_reg_interval: int | None = None, d_steps: int = 1):
+                 g_reg_interval: int | None = None, d_steps: int = 1, d_loss_weight: float = 1.0,
+                 lr_constant_steps: int | None = None, lr_decay_steps: int = 0):
         super().__init__()
         if loss not in GAN_LOSSES:
             raise ValueError(f"unknown GAN loss {loss!r}; choose one of {', '.join(map(repr, GAN_LOSSES))}")
@@ -99,11 +114,17 @@ class AdversarialModule(Family):
             raise ValueError(f"d_steps must be at least 1, got {d_steps}")
         if r1_gamma < 0:
             raise ValueError(f"r1_gamma must be non-negative, got {r1_gamma}")
+        if self.reuse_fake and d_steps != 1:
+            raise ValueError(f"{type(self).__name__} reuses one generator pass per iteration: d_steps must be 1, got {d_steps}")
+        if lr_constant_steps is not None:
+            constant_then_linear_decay(lr_constant_steps, lr_decay_steps)  # checks the two
         self.automatic_optimization = False
         self.gan_loss, self.lr_g, self.lr_d, self.eps = loss, lr_g, lr_d, eps
         self.betas_g, self.betas_d = tuple(betas_g), tuple(betas_d)
         self.r1_gamma, self.d_reg_interval, self.g_reg_interval, self.d_steps = r1_gamma, d_reg_interval, g_reg_interval, d_steps
         self.augment: nn.Module = nn.Identity()  # a family may set an AdaptiveAugment (ADA)
+        self.d_loss_weight, self.lr_constant_steps, self.lr_decay_steps = d_loss_weight, lr_constant_steps, lr_decay_steps
+        self._generated: tuple[Tensor, Tensor | None] | None = None  # this iteration's (fake, condition)
 
     # -- the networks ----------------------------------------------------------------------------
     @property
@@ -222,15 +243,32 @@ class AdversarialModule(Family):
     def due(self, phase: Phase, iteration: int) -> bool:
         return iteration % phase.interval == 0
 
+    def generated(self, batch: dict, n: int, detach: bool) -> tuple[Tensor, Tensor | None]:
+        """n generated images and their condition: this iteration's pass when the family reuses
+        one (detached for D), else a new one (without a graph for D)."""
+        if self._generated is not None:
+            fake, condition = self._generated
+            return (fake.detach(), condition) if detach else (fake, condition)
+        if detach:
+            with torch.no_grad():
+                return self.fake(batch, n)
+        return self.fake(batch, n)
+
+    def batch_statistics(self) -> bool:
+        """Whether D normalises by its batch's statistics (batch norm, synchronised or not)."""
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.discriminator.modules())
+
     def d_main(self, batch: dict) -> dict[str, Tensor]:
         real, condition = self.real(batch)
-        with torch.no_grad():
-            fake, fake_condition = self.fake(batch, len(real))
-        # One pass over real and fake together, as BigGAN does (one power iteration of spectral
-        # norm per D step, and one larger batch instead of two).
-        both = None if condition is None else torch.cat([condition, fake_condition])
-        real_logits, fake_logits = self.discriminate((real, fake), both).split([len(real), len(fake)])
-        out = {"loss": discriminator_loss(real_logits, fake_logits, self.gan_loss),
+        fake, fake_condition = self.generated(batch, len(real), detach=True)
+        if self.batch_statistics():  # each batch normalised by its own statistics
+            real_logits, fake_logits = self.discriminate(real, condition), self.discriminate(fake, fake_condition)
+        else:
+            # One pass over real and fake together, as BigGAN does (one power iteration of spectral
+            # norm per D step, and one larger batch instead of two).
+            both = None if condition is None else torch.cat([condition, fake_condition])
+            real_logits, fake_logits = self.discriminate((real, fake), both).split([len(real), len(fake)])
+        out = {"loss": discriminator_loss(real_logits, fake_logits, self.gan_loss) * self.d_loss_weight,
                "real_logits": real_logits.detach().mean(), "fake_logits": fake_logits.detach().mean()}
         if isinstance(self.augment, AdaptiveAugment):
             self.augment.observe(real_logits.detach(), reduce=self.sum_over_ranks)
@@ -250,7 +288,7 @@ class AdversarialModule(Family):
         return {"loss": penalty.mean() * (self.r1_gamma / 2), "r1_penalty": penalty.detach().mean()}
 
     def g_main(self, batch: dict) -> dict[str, Tensor]:
-        fake, condition = self.fake(batch, _size(batch))
+        fake, condition = self.generated(batch, _size(batch), detach=False)
         out = {"adversarial": generator_loss(self.discriminate(fake, condition), self.gan_loss)}
         out |= self.generator_extra(batch, fake, condition)
         if self.has_generator_regulariser() and self.g_reg_interval is None:
@@ -270,6 +308,8 @@ class AdversarialModule(Family):
         batch = {k: v.to(self.dtype) if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in batch.items()}
         run = {"Dmain": self.d_main, "Dreg": self.d_reg, "Gmain": self.g_main, "Greg": self.g_reg}
         d_shares = _split(batch, self.d_steps)
+        # Both networks take gradients here: the pass's graph reaches G for its phase.
+        self._generated = self.fake(batch, _size(batch)) if self.reuse_fake else None
         for phase in self.phases():
             if not self.due(phase, iteration):
                 continue
@@ -286,8 +326,12 @@ class AdversarialModule(Family):
                 self.untoggle_optimizer(optimizer)
             for name, value in out.items():
                 self.log(f"train/{phase.name}/{name}", value.detach(), prog_bar=name == "loss")
+        self._generated = None
         if isinstance(self.augment, AdaptiveAugment):
             self.adapt_augmentation(iteration)
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+            scheduler.step()
 
     def adapt_augmentation(self, iteration: int) -> None:
         """ADA's controller: every `interval` iterations, r_t over all ranks' real images moves p."""
@@ -308,8 +352,12 @@ class AdversarialModule(Family):
         lr_d, betas_d = lazy_rescale(self.lr_d, self.betas_d, self._lazy_interval("discriminator"))
         g = [p for p in self.generator.parameters() if p.requires_grad]
         d = [p for p in self.discriminator.parameters() if p.requires_grad]
-        return (torch.optim.Adam(g, lr=lr_g, betas=betas_g, eps=self.eps, foreach=True),
-                torch.optim.Adam(d, lr=lr_d, betas=betas_d, eps=self.eps, foreach=True))
+        optimizers = (torch.optim.Adam(g, lr=lr_g, betas=betas_g, eps=self.eps, foreach=True),
+                      torch.optim.Adam(d, lr=lr_d, betas=betas_d, eps=self.eps, foreach=True))
+        if self.lr_constant_steps is None:
+            return optimizers
+        factor = constant_then_linear_decay(self.lr_constant_steps, self.lr_decay_steps)
+        return list(optimizers), [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in optimizers]
 
     def _lazy_interval(self, network: str) -> int | None:
         return next((p.interval for p in self.phases() if p.network == network and p.name.endswith("reg")), None)
