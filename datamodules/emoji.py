@@ -318,7 +318,7 @@ def split_by_design(emojis: Sequence[Emoji], val_fraction: float, design_fractio
 
 def _encode_pair(job: tuple[Emoji, str, str, int]) -> tuple[bytes, bytes]:
     emoji, source, target, size = job
-    return png_bytes(render(emoji, source, size)), png_bytes(render(emoji, target, size))
+    return _encode((emoji, source, size)), _encode((emoji, target, size))
 
 
 def write_emoji_pair_shards(out: str, source: str = "twemoji", target: str = "noto", size: int = 64,

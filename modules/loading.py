@@ -1,7 +1,7 @@
 """How model code loads another kiln checkpoint (a cascade's earlier stage, named by path in its
 config) without importing the trainers above it: the trainers' checkpoint reader
-(trainers/checkpoints/checkpoint.py) registers its loader, which checks the stored config's trust before anything is imported, when it is imported (every
-kiln command imports it)."""
+(trainers/checkpoints/checkpoint.py) registers its loader, which checks the stored config's
+trust before anything is imported, when it is imported (every kiln command imports it)."""
 from __future__ import annotations
 
 from collections.abc import Callable

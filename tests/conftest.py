@@ -2,6 +2,7 @@
 process-wide state reset between tests (default dtype, process groups, environment variables)."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -9,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from unittest.mock import patch
 
@@ -112,14 +114,14 @@ def kiln(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | 
             stdout, stderr = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             for pid in _group(p.pid):  # one at a time, so that their stacks don't interleave
-                _signal(pid, signal.SIGABRT)
+                _signal(os.kill, pid, signal.SIGABRT)
                 time.sleep(1)
             try:
                 stdout, stderr = p.communicate(timeout=15)
             except subprocess.TimeoutExpired:
-                _signal_group(p.pid, signal.SIGKILL)
+                _signal(os.killpg, p.pid, signal.SIGKILL)
                 stdout, stderr = p.communicate()
-            _signal_group(p.pid, signal.SIGKILL)
+            _signal(os.killpg, p.pid, signal.SIGKILL)
             stacks = "\n".join(line for line in stderr.splitlines() if "(total: " not in line)  # not the extension lists
             pytest.fail(f"`kiln {' '.join(args)}` ran past {timeout:.0f} s; its processes' stacks:\n{stacks[-20000:]}")
     return subprocess.CompletedProcess(command, p.returncode, stdout, stderr)
@@ -152,18 +154,10 @@ def _group(pgid: int) -> list[int]:
     return [pid for _, pid in sorted(pids)]
 
 
-def _signal(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
-
-
-def _signal_group(pgid: int, signum: int) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:
-        pass
+def _signal(kill: Callable[[int, int], None], target: int, signum: int) -> None:
+    """`os.kill` or `os.killpg`, for a process or group that may be gone already."""
+    with contextlib.suppress(ProcessLookupError):
+        kill(target, signum)
 
 
 def read_metrics(run_dir: Path | str) -> list[dict]:

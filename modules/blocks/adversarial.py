@@ -1,6 +1,6 @@
 """The pieces of adversarial training that are plain PyTorch, shared by kiln's GAN families: the
-hinge, non-saturating and least-squares losses, the R1 penalty, the lazy-regularisation rescaling of an
-optimiser's settings (StyleGAN2, appendix B), and `GANPair`, the two networks. The phases that
+hinge, non-saturating and least-squares losses, the R1 penalty, the lazy-regularisation
+rescaling of an optimiser's settings (StyleGAN2, appendix B), and `GANPair`, the two networks. The phases that
 train them live in `kiln.modules.gan.lit_module.AdversarialModule`.
 """
 from __future__ import annotations
@@ -25,9 +25,8 @@ def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: GanLoss) 
         return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
     if kind == "non_saturating":
         return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
-    if kind == "least_squares":
-        return (real_logits - 1).square().mean() + fake_logits.square().mean()
-    raise ValueError(_unknown(kind))
+    check_gan_loss(kind)
+    return (real_logits - 1).square().mean() + fake_logits.square().mean()
 
 
 def generator_loss(fake_logits: Tensor, kind: GanLoss) -> Tensor:
@@ -36,13 +35,13 @@ def generator_loss(fake_logits: Tensor, kind: GanLoss) -> Tensor:
         return -fake_logits.mean()
     if kind == "non_saturating":
         return F.softplus(-fake_logits).mean()
-    if kind == "least_squares":
-        return (fake_logits - 1).square().mean()
-    raise ValueError(_unknown(kind))
+    check_gan_loss(kind)
+    return (fake_logits - 1).square().mean()
 
 
-def _unknown(kind: str) -> str:
-    return f"unknown GAN loss {kind!r}; choose one of {', '.join(map(repr, GAN_LOSSES))}"
+def check_gan_loss(kind: str) -> None:
+    if kind not in GAN_LOSSES:
+        raise ValueError(f"unknown GAN loss {kind!r}; choose one of {', '.join(map(repr, GAN_LOSSES))}")
 
 
 def r1_penalty(real_logits: Tensor, real_images: Tensor) -> Tensor:

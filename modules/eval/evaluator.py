@@ -22,8 +22,9 @@ r + N, ..., and every rank makes the same number of generation calls (a sharded 
 collective: a rank calling once more than the others would wait forever). FID and KID go through
 torchmetrics (`FidKid`, states summed or gathered over ranks at `compute`), judge accuracy through
 torchmetrics' `multiclass_accuracy`; the other scores are computed on every rank from the
-features gathered over ranks (`gather`, passed in: this module talks to no process group itself). The inception score is kiln's, with seeded splits, where
-torchmetrics' `InceptionScore` draws its splits unseeded and so differs run to run.
+features gathered over ranks (`gather`, passed in: this module talks to no process group
+itself). The inception score is kiln's, with seeded splits, where torchmetrics' `InceptionScore`
+draws its splits unseeded and so differs run to run.
 """
 from __future__ import annotations
 

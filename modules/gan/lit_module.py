@@ -48,9 +48,9 @@ from torch import Tensor, nn
 
 from kiln.modules.blocks.ada import AdaptiveAugment
 from kiln.modules.blocks.adversarial import (
-    GAN_LOSSES,
     GanLoss,
     GANPair,
+    check_gan_loss,
     discriminator_loss,
     generator_loss,
     lazy_rescale,
@@ -105,8 +105,7 @@ class AdversarialModule(Family):
                  g_reg_interval: int | None = None, d_steps: int = 1, d_loss_weight: float = 1.0,
                  lr_constant_steps: int | None = None, lr_decay_steps: int = 0):
         super().__init__()
-        if loss not in GAN_LOSSES:
-            raise ValueError(f"unknown GAN loss {loss!r}; choose one of {', '.join(map(repr, GAN_LOSSES))}")
+        check_gan_loss(loss)
         for name, interval in (("d_reg_interval", d_reg_interval), ("g_reg_interval", g_reg_interval)):
             if interval is not None and interval < 1:
                 raise ValueError(f"{name} must be at least 1 (or null: every iteration), got {interval}")
@@ -329,9 +328,9 @@ class AdversarialModule(Family):
         self._generated = None
         if isinstance(self.augment, AdaptiveAugment):
             self.adapt_augmentation(iteration)
-        schedulers = self.lr_schedulers()
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
-            scheduler.step()
+        if self.lr_constant_steps is not None:  # configure_optimizers made one scheduler a network
+            for scheduler in self.lr_schedulers():
+                scheduler.step()
 
     def adapt_augmentation(self, iteration: int) -> None:
         """ADA's controller: every `interval` iterations, r_t over all ranks' real images moves p."""

@@ -80,8 +80,8 @@ def _edges(args: argparse.Namespace) -> dict:
 
 
 # name -> function(parsed args) -> manifest; a new builder is one more entry.
-BUILDERS = {"emoji": _emoji, "emoji-pairs": _emoji_pairs, "fashion-mnist": _fashion_mnist, "digits": _digits, "folder": _folder,
-            "pairs": _pairs, "edges": _edges}
+BUILDERS = {"emoji": _emoji, "emoji-pairs": _emoji_pairs, "fashion-mnist": _fashion_mnist, "digits": _digits,
+            "folder": _folder, "pairs": _pairs, "edges": _edges}
 
 
 def main(argv: list[str]) -> None:
