@@ -4,9 +4,9 @@ cache on first use, so every `tiny.yaml` runs as is on a fresh clone.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from kiln.datamodules.webdataset import WebDataModule
+from kiln.datamodules.webdataset import ShardPipeline, WebDataModule
 
 
 def cache_dir(name: str) -> str:
@@ -97,3 +97,60 @@ class FashionMNISTDataModule(WebDataModule):
         manifest = read_manifest(self.root)
         if manifest.get("builder") != "fashion-mnist" or manifest.get("limit") is not None:
             write_fashion_mnist_shards(self.root, size=self.size)
+
+
+class EmojiPairsDataModule(WebDataModule):
+    """The same emoji in two styles (`kiln data emoji-pairs`): Twemoji -> Noto by default, aligned
+    true pairs for image-to-image translation. Training reads split `train`; the held-out split is
+    `val` (a random 10%, whose skin-tone siblings may train) or `val-designs` (10% of the base
+    designs, every variant held out). Unpaired training streams the training shards twice, as
+    domains `a` (the input style) and `b` (the target style), each in its own shuffled order, so a
+    batch's two sides are different emoji; held-out batches stay true pairs, so even an unpaired
+    model is scored against the right answer.
+
+    Args:
+        mapper: `PairedImages` (paired) or `UnpairedImages(a_key="input", b_key="target")`.
+        source / target: the two styles (twemoji, noto, openmoji).
+        heldout: "val" or "val-designs".
+        unpaired: stream the two sides independently.
+        root: shard folder (any fsspec URL), used as it is if it holds a completed build, else
+            built there. Default: the cache, at `build_size`.
+        build_size: pixel size the shards are rendered at (the mapper resizes from it).
+        **kwargs: the loader's settings, as `WebDataModule` takes them.
+    """
+
+    def __init__(self, mapper: Callable[[dict], dict], source: str = "twemoji", target: str = "noto",
+                 heldout: str = "val", unpaired: bool = False, root: str | None = None, build_size: int = 64, **kwargs):
+        if heldout not in ("val", "val-designs"):
+            raise ValueError(f"heldout must be 'val' or 'val-designs', got {heldout!r}")
+        self.source, self.target, self.build_size, self.user_root = source, target, build_size, root is not None
+        self.root = root or cache_dir(f"emoji-pairs-{source}-{target}-{build_size}")
+        train = f"{self.root}/train/*.tar"
+        # The training shards hold true pairs whichever way they are streamed (the lookup baseline
+        # of `kiln.modules.eval.translation` reads them).
+        self.pair_urls = train
+        super().__init__(train_urls={"a": train, "b": train} if unpaired else train,
+                         val_urls=f"{self.root}/{heldout}/*.tar", mapper=mapper, **kwargs)
+
+    def prepare_data(self) -> None:
+        from kiln.datamodules.emoji import write_emoji_pair_shards
+        from kiln.datamodules.shards import read_manifest
+
+        manifest = read_manifest(self.root)
+        if manifest.get("builder") == "emoji-pairs" and (self.user_root or (
+                manifest.get("size") == self.build_size and manifest.get("limit") is None
+                and (manifest.get("source"), manifest.get("target")) == (self.source, self.target))):
+            return
+        write_emoji_pair_shards(self.root, self.source, self.target, size=self.build_size)
+
+
+def training_pairs(data: WebDataModule) -> Iterator[dict] | None:
+    """The training pairs of a data module whose training shards hold true pairs (`pair_urls`),
+    read once in order without augmentation, as batches reach the model; None for any other."""
+    urls = getattr(data, "pair_urls", None)
+    if urls is None:
+        return None
+    mapper = data.mapper.for_eval() if hasattr(data.mapper, "for_eval") else data.mapper
+    pipeline = ShardPipeline(urls, mapper, data.batch_size, shuffle=False, seed=data.seed, strict=data.strict,
+                             retries=data.retries, drop_last=False, split="val")
+    return (data.on_after_batch_transfer(data.on_before_batch_transfer(batch, 0), 0) for batch in pipeline)

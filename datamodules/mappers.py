@@ -458,11 +458,14 @@ class PairedImages(_Mapper):
 class UnpairedImages(_Mapper):
     """One image from each of two domains (CycleGAN, U-GAT-IT). The pipeline hands this mapper
     `{"a": sample_a, "b": sample_b}`, drawn independently from the two domains' shards; each is
-    augmented on its own. Outputs `a`, `b`, `key_a`, `key_b`.
+    augmented on its own. A single sample (one source, e.g. held-out true pairs) gives both sides
+    from its own two fields, a true pair with one crop and flip. Outputs `a`, `b`, `key_a`, `key_b`.
 
     Args:
         image_size / crop_scale / flip: as for `ImageText`.
         image_key: the image field in both domains; None takes the first image field.
+        a_key / b_key: domain a's and b's own fields instead (e.g. "input" and "target" when both
+            domains are read from pair shards).
     """
 
     def __init__(
@@ -471,17 +474,23 @@ class UnpairedImages(_Mapper):
         image_key: str | None = None,
         crop_scale: tuple[float, float] | None = None,
         flip: bool = False,
+        a_key: str | None = None,
+        b_key: str | None = None,
     ):
         super().__init__(image_size, crop_scale, flip)
-        self.image_key = image_key
+        self.image_key, self.a_key, self.b_key = image_key, a_key, b_key
 
     def __call__(self, pair: dict) -> dict:
+        keys = {"a": self.a_key or self.image_key, "b": self.b_key or self.image_key}
+        if "__key__" in pair:  # one sample holding both sides
+            a, b = field_names(pair, keys["a"], keys["b"])
+            images = self._geometry(pair, sample_image(pair, a), sample_image(pair, b))
+            return {"a": to_tensor(images[0]), "b": to_tensor(images[1]), "key_a": pair["__key__"], "key_b": pair["__key__"]}
         out = {}
         for domain in ("a", "b"):
             sample = pair[domain]
-            (name,) = field_names(sample, self.image_key)
-            image = sample_image(sample, name)
-            (image,) = self._geometry(sample, image)
+            (name,) = field_names(sample, keys[domain])
+            (image,) = self._geometry(sample, sample_image(sample, name))
             out[domain], out[f"key_{domain}"] = to_tensor(image), sample["__key__"]
         return out
 

@@ -14,6 +14,7 @@ torchtitan's TrainSpec, one typed declaration instead of attributes the trainers
     sample_grid         the sample grids a run saves
     super_resolution    an upsampler's judging on real images (`spec().upsamples`)
     embed               a retrieval family's judging (`spec().evaluation == "retrieval"`)
+    translate           an image-to-image family's judging (`spec().evaluation == "translation"`)
     plan_inputs, plan_phases   `kiln plan`: one forward's inputs, one step's phases
 
 Sampling runs the EMA copy when there is one (`kiln.modules.ema.weights_for_sampling`); every
@@ -58,7 +59,8 @@ class Spec:
         modes: the values `generate(mode=...)` takes (`kiln sample --mode`), if any.
         stages: a cascade's stages as `generate_for_eval` names them ("" for a single stage).
         upsamples: a super-resolution stage, judged by L1 against bicubic upsampling.
-        evaluation: "generative" (FID/KID, judge, ...) or "retrieval" (CLIP: `embed`).
+        evaluation: "generative" (FID/KID, judge, ...), "retrieval" (CLIP: `embed`) or
+            "translation" (image-to-image: `translate` on held-out true pairs).
         find_unused_parameters: a step's backward reaches only part of the module (a GAN's
             phases): DDP must look for parameters without gradients.
         double_backward: a loss backpropagates through a gradient (R1, path length): FSDP2
@@ -76,7 +78,7 @@ class Spec:
     modes: tuple[str, ...] = ()
     stages: tuple[str, ...] = ("",)
     upsamples: bool = False
-    evaluation: Literal["generative", "retrieval"] = "generative"
+    evaluation: Literal["generative", "retrieval", "translation"] = "generative"
     find_unused_parameters: bool = False
     double_backward: bool = False
     optimizers: int = 1
@@ -145,6 +147,14 @@ class Family(L.LightningModule):
     def embed(self, images: Tensor, captions: list[str]) -> tuple[Tensor, Tensor]:
         """(spec().evaluation == "retrieval") Normalised image and text embeddings."""
         raise NotImplementedError(f"the '{self.spec().name}' family does not embed")
+
+    def translate(self, inputs: Tensor, mode: str = "a2b", seeds: list[int] | None = None, *,
+                  use_ema: bool | None = None) -> Tensor:
+        """(spec().evaluation == "translation") Images in [-1, 1] -> their translations; output j
+        is a function of input j and `seeds[j]` (its noise, if any; None: 0, 1, ...) only,
+        whatever else is in the batch. `mode`: "a2b", or "b2a" for a family that translates both
+        ways."""
+        raise NotImplementedError(f"the '{self.spec().name}' family does not translate images")
 
     # -- kiln plan -------------------------------------------------------------------------------
     def plan_inputs(self, batch_size: int) -> tuple[Tensor, ...]:

@@ -17,6 +17,11 @@ show them; a cascade's stages prefix theirs with `<stage>/`):
                              of its output, and of bicubic upsampling, to the real images
     samples, heldout/images  how many samples and real images the scores are over
 
+An image-to-image family (`spec().evaluation == "translation"`) is judged on held-out true pairs
+instead (`kiln.modules.eval.translation`): `l1`, `l1_identity`, `l1_ratio`, `l1_nearest` (given the
+training pairs, `read_bank`), `variance_ratio`, and for a family that translates both ways
+`b2a/l1`, `cycle_a`, `cycle_b`; `fid` and `kid` compare its outputs with the held-out targets.
+
 Sample i depends on (seed, i) only, so N ranks give one rank's scores: rank r draws samples r,
 r + N, ..., and every rank makes the same number of generation calls (a sharded forward is a
 collective: a rank calling once more than the others would wait forever). FID and KID go through
@@ -28,6 +33,7 @@ draws its splits unseeded and so differs run to run.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 
 import torch
@@ -35,10 +41,11 @@ from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_accuracy
 
 from kiln.modules.eval.metrics import FidKid, class_spread, inception_score, precision_recall
+from kiln.modules.eval.translation import SUMS, translation_results, translation_sums
 from kiln.modules.blocks.images import to_shape
 from kiln.modules.family import Family
 
-METRICS = ("fid", "kid", "precision_recall", "judge", "is", "l1")
+METRICS = ("fid", "kid", "precision_recall", "judge", "is", "l1", "translation")
 
 
 def _same(tensor: Tensor) -> Tensor:
@@ -72,6 +79,8 @@ class Evaluator:
         self.num_samples, self.seed, self.batch_size = num_samples, seed, batch_size
         self.rank, self.world, self.gather, self.progress = rank, world, gather, progress
         self.real_images: Tensor | None = None  # this rank's share
+        self.real_inputs: Tensor | None = None  # held-out pairs: their inputs (real_images: targets)
+        self.bank: tuple[Tensor, Tensor] | None = None  # the training pairs (l1_nearest)
         self.captions: list[str] = []
         self.heldout = 0
         self._real: dict[tuple, Tensor] = {}  # stage shape -> this rank's real features
@@ -80,12 +89,16 @@ class Evaluator:
     # -- real images -----------------------------------------------------------------------------
     def read_real(self, batches: Iterable[dict]) -> None:
         """This rank's share of the first `num_samples` held-out images (batches as the model gets
-        them: float images in [-1, 1], captions if any)."""
-        images, captions, seen = [], [], 0
+        them: float images in [-1, 1], captions if any; for translation, pairs as `input` and
+        `target`, or `a` and `b`)."""
+        images, inputs, captions, seen = [], [], [], 0
         for batch in batches:
-            take = batch["image"][: max(0, self.num_samples - seen)]
-            caption = list(batch.get("caption", [""] * len(batch["image"])))[: len(take)]
+            source, target = _pair_fields(batch)
+            take = batch[target][: max(0, self.num_samples - seen)]
+            caption = list(batch.get("caption", [""] * len(batch[target])))[: len(take)]
             images.append(take[self.rank::self.world])
+            if source is not None:
+                inputs.append(batch[source][: len(take)][self.rank::self.world])
             captions += caption[self.rank::self.world]
             seen += len(take)
             if seen >= self.num_samples:
@@ -93,7 +106,13 @@ class Evaluator:
         if not images:
             raise ValueError("the held-out set is empty: nothing to score the samples against")
         self.real_images, self.captions, self.heldout = torch.cat(images), captions, seen
+        self.real_inputs = torch.cat(inputs) if inputs else None
         self._real, self._real_judged = {}, None
+
+    def read_bank(self, batches: Iterable[dict]) -> None:
+        """Every training pair (the lookup baseline `l1_nearest`), whole on every rank."""
+        pairs = [tuple(batch[k].cpu() for k in _pair_fields(batch)) for batch in batches]
+        self.bank = (torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])) if pairs else None
 
     def _real_features(self, shape: tuple, device: torch.device) -> Tensor:
         if shape not in self._real:
@@ -123,6 +142,8 @@ class Evaluator:
         if self.real_images is None:
             raise RuntimeError("Evaluator: read_real() first")
         spec = model.spec()
+        if spec.evaluation == "translation":
+            return self._translation(model, use_ema)
         if "l1" in self.metrics and not spec.upsamples:
             raise ValueError(f"l1 is for upsamplers: this '{spec.name}' model does not upsample")
         was_training = model.training
@@ -189,3 +210,41 @@ class Evaluator:
             for suffix, metric in scores.items():
                 result |= {f"{k}{suffix}": v for k, v in metric.compute().items() if k in self.metrics}
         return result
+
+    def _translation(self, model: Family, use_ema: bool | None) -> dict[str, float]:
+        """The held-out pairs through the translator, this rank's share, in as many calls on
+        every rank (`calls`); input i of the held-out set draws its noise from seed + i."""
+        if self.real_inputs is None:
+            raise ValueError("a translator is judged on held-out pairs: the held-out batches hold no "
+                             "'input'/'target' (or 'a'/'b') images")
+        was_training, both_ways = model.training, "b2a" in model.spec().modes
+        model.eval()
+        translate = functools.partial(model.translate, use_ema=use_ema)
+        sums = torch.zeros(len(SUMS), dtype=torch.float64)
+        scores = FidKid(self.extractor).to(model.device) if {"fid", "kid"} & set(self.metrics) else None
+        per_rank = -(-self.heldout // self.world)
+        for i in self.progress(range(0, per_rank, self.batch_size), "translating the held-out images"):
+            x, y = self.real_inputs[i:i + self.batch_size], self.real_images[i:i + self.batch_size]
+            stand_in = not len(x)  # every rank calls alike (a sharded forward is a collective)
+            x, y = (self.real_inputs[:1], self.real_images[:1]) if stand_in else (x, y)
+            seeds = [self.seed + self.rank + (i + j) * self.world for j in range(len(x))]
+            part, out = translation_sums(translate, x.to(model.device), y.to(model.device), seeds, both_ways, self.bank)
+            if not stand_in:
+                sums += part
+                if scores is not None:
+                    scores.update(y.to(model.device), real=True)
+                    scores.update(out, real=False)
+        result = {"heldout/images": float(self.heldout)}
+        result |= translation_results(self.gather(sums[None]).sum(0), self.bank is not None, both_ways)
+        if scores is not None:
+            result |= {k: v for k, v in scores.compute().items() if k in self.metrics}
+        model.train(was_training)
+        return result
+
+
+def _pair_fields(batch: dict) -> tuple[str | None, str]:
+    """(input field, target field) of a held-out batch: a pair's, or (None, "image")."""
+    for source, target in (("input", "target"), ("a", "b")):
+        if source in batch and target in batch:
+            return source, target
+    return None, "image"

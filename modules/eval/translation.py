@@ -39,3 +39,48 @@ def translation_scores(outputs: Tensor, targets: Tensor, inputs: Tensor, train_i
         nearest = nearest_targets(inputs, train_inputs, train_targets)
         out["l1_nearest"] = (nearest.double() - targets.double()).abs().mean().item()
     return out
+
+
+# The sums one rank keeps (`translation_sums`), added over ranks before `translation_results`.
+SUMS = ("images", "l1", "l1_identity", "l1_nearest", "variance", "variance_target", "b2a/l1", "b2a/l1_identity",
+        "cycle_a", "cycle_b")
+
+
+def _l1(x: Tensor, y: Tensor) -> Tensor:
+    """Per-image mean |x - y| of images in [-1, 1], on the [0, 1] scale, summed over the batch."""
+    return (x.double() - y.double()).abs().mean(dim=(1, 2, 3)).sum() / 2
+
+
+def translation_sums(translate, inputs: Tensor, targets: Tensor, seeds: list[int], both_ways: bool,
+                     bank: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """One batch of held-out pairs (images in [-1, 1]) through `translate(images, mode, seeds)`:
+    the sums of `SUMS` (float64) and the a -> b outputs (for FID on the target domain).
+
+    `variance` is each output's own pixel variance (a collapsed translator draws flat or identical
+    images), beside the targets'; with `both_ways`, b -> a is scored too and the cycle errors
+    |G_ba(G_ab(a)) - a| and |G_ab(G_ba(b)) - b| are kept."""
+    out = translate(inputs, "a2b", seeds)
+    sums = dict.fromkeys(SUMS, torch.zeros((), dtype=torch.float64))
+    sums |= {"images": torch.tensor(float(len(inputs)), dtype=torch.float64), "l1": _l1(out, targets),
+             "l1_identity": _l1(inputs, targets),
+             "variance": out.double().flatten(1).var(1).sum() / 4, "variance_target": targets.double().flatten(1).var(1).sum() / 4}
+    if bank is not None:
+        sums["l1_nearest"] = _l1(nearest_targets(inputs.cpu(), *bank).to(targets.device), targets)
+    if both_ways:
+        back = translate(targets, "b2a", seeds)
+        sums |= {"b2a/l1": _l1(back, inputs), "b2a/l1_identity": _l1(targets, inputs),
+                 "cycle_a": _l1(translate(out, "b2a", seeds), inputs), "cycle_b": _l1(translate(back, "a2b", seeds), targets)}
+    return torch.stack([sums[k].cpu() for k in SUMS]), out
+
+
+def translation_results(sums: Tensor, nearest: bool, both_ways: bool) -> dict[str, float]:
+    """Means from the sums of every rank (`translation_sums`); `variance_ratio` is the outputs'
+    per-image variance over the targets' (near 0: collapse to flat images)."""
+    mean = {k: (v / sums[0]).item() for k, v in zip(SUMS[1:], sums[1:])}
+    out = {"l1": mean["l1"], "l1_identity": mean["l1_identity"], "l1_ratio": mean["l1"] / mean["l1_identity"],
+           "variance_ratio": mean["variance"] / mean["variance_target"]}
+    if nearest:
+        out |= {"l1_nearest": mean["l1_nearest"], "l1_nearest_ratio": mean["l1_nearest"] / mean["l1_identity"]}
+    if both_ways:
+        out |= {k: mean[k] for k in ("b2a/l1", "b2a/l1_identity", "cycle_a", "cycle_b")}
+    return out

