@@ -32,10 +32,18 @@ from kiln.modules.blocks.patchgan import Norm, init_normal, norm_layer
 
 class AlwaysDropout(nn.Dropout):
     """Dropout that stays on in `eval()`: Pix2Pix's noise is part of the generator at test time
-    (2.2.1); `kiln sample` draws with it unless the family says otherwise."""
+    (2.2.1); `kiln sample` draws with it unless the family says otherwise.
+
+    `share` = (rank, ranks): the mask is drawn for the global batch of `ranks` equal shares and
+    this rank's rows kept, so that a run over several processes draws the masks one process
+    holding the global batch would (the default (0, 1): the batch is the global batch)."""
+
+    share: tuple[int, int] = (0, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return nn.functional.dropout(x, self.p, training=True, inplace=self.inplace)
+        rank, ranks = self.share
+        keep = torch.rand((ranks * len(x), *x.shape[1:]), device=x.device, dtype=x.dtype)[rank * len(x):(rank + 1) * len(x)]
+        return x * (keep >= self.p) / (1 - self.p)
 
 
 class _Skip(nn.Module):
