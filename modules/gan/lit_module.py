@@ -95,6 +95,7 @@ class AdversarialModule(Family):
         d_loss_weight: D's adversarial loss times this (Pix2Pix halves it, 3.3 of the paper).
         lr_constant_steps / lr_decay_steps: with the first set, both learning rates stay constant
             that many iterations, then decay linearly to 0 over the second.
+        weight_decay: Adam's L2 penalty on both networks (U-GAT-IT: 1e-4).
     """
 
     reuse_fake = False  # one generator pass per iteration, shared by D's and G's phases
@@ -103,7 +104,7 @@ class AdversarialModule(Family):
                  betas_g: tuple[float, float] = (0.0, 0.999), betas_d: tuple[float, float] = (0.0, 0.999),
                  eps: float = 1e-8, r1_gamma: float = 0.0, d_reg_interval: int | None = 16,
                  g_reg_interval: int | None = None, d_steps: int = 1, d_loss_weight: float = 1.0,
-                 lr_constant_steps: int | None = None, lr_decay_steps: int = 0):
+                 lr_constant_steps: int | None = None, lr_decay_steps: int = 0, weight_decay: float = 0.0):
         super().__init__()
         check_gan_loss(loss)
         for name, interval in (("d_reg_interval", d_reg_interval), ("g_reg_interval", g_reg_interval)):
@@ -123,6 +124,7 @@ class AdversarialModule(Family):
         self.r1_gamma, self.d_reg_interval, self.g_reg_interval, self.d_steps = r1_gamma, d_reg_interval, g_reg_interval, d_steps
         self.augment: nn.Module = nn.Identity()  # a family may set an AdaptiveAugment (ADA)
         self.d_loss_weight, self.lr_constant_steps, self.lr_decay_steps = d_loss_weight, lr_constant_steps, lr_decay_steps
+        self.weight_decay = weight_decay
         self._generated: tuple[Tensor, Tensor | None] | None = None  # this iteration's (fake, condition)
 
     # -- the networks ----------------------------------------------------------------------------
@@ -351,8 +353,8 @@ class AdversarialModule(Family):
         lr_d, betas_d = lazy_rescale(self.lr_d, self.betas_d, self._lazy_interval("discriminator"))
         g = [p for p in self.generator.parameters() if p.requires_grad]
         d = [p for p in self.discriminator.parameters() if p.requires_grad]
-        optimizers = (torch.optim.Adam(g, lr=lr_g, betas=betas_g, eps=self.eps, foreach=True),
-                      torch.optim.Adam(d, lr=lr_d, betas=betas_d, eps=self.eps, foreach=True))
+        optimizers = (torch.optim.Adam(g, lr=lr_g, betas=betas_g, eps=self.eps, weight_decay=self.weight_decay, foreach=True),
+                      torch.optim.Adam(d, lr=lr_d, betas=betas_d, eps=self.eps, weight_decay=self.weight_decay, foreach=True))
         if self.lr_constant_steps is None:
             return optimizers
         factor = constant_then_linear_decay(self.lr_constant_steps, self.lr_decay_steps)
