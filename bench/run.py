@@ -67,6 +67,9 @@ ROWS = [
         ("max_rel_diff", "<=", 1e-6), "equal values (rel. diff <= 1e-6)", ["--samples", "500", "--rounds", "1"]),
     Row(8, "flops", "bench/flops.py", "Achieved FLOP/s of the CLIP and U-Net steps vs the measured matmul peak",
         None, "— (as close to the peak as the model allows)", ["--rounds", "1", "--steps", "5"]),
+    Row(9, "translation", "bench/translation.py",
+        "Image-to-image GANs (Pix2Pix, CycleGAN, U-GAT-IT): `kiln fit` iteration vs a plain PyTorch loop",
+        ("ratio", ">=", 0.95), ">= 0.95x", ["--steps", "4", "--warmup", "1", "--rounds", "1"]),
 ]
 
 
