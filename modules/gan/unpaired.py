@@ -21,7 +21,8 @@ MODES = ("a2b", "b2a")
 
 class Networks(nn.Module):
     """Networks of one kind by name: the `a2b` and `b2a` generators, or a domain's discriminators.
-    `forward` runs the first (`kiln plan` counts one network's pass)."""
+    `forward` runs the first on an image or on a generator's output (`kiln plan` counts one
+    network's pass: `GANPair` feeds G's output to D)."""
 
     def __init__(self, **networks: nn.Module):
         super().__init__()
@@ -29,12 +30,22 @@ class Networks(nn.Module):
             self.add_module(name, net)
         self.shard_units = tuple({u for net in networks.values() for u in getattr(net, "shard_units", ())})
 
-    def forward(self, image: Tensor):
-        return next(iter(self.children()))(image)
+    def forward(self, image: Tensor | tuple):
+        return next(iter(self.children()))(image_of(image))
 
 
 def image_of(output: Tensor | tuple) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
+
+
+def keep_first(kept: tuple[Tensor, ...] | None, batch: tuple[Tensor, ...], n: int) -> tuple[Tensor, ...]:
+    """The first n images seen (of each of several aligned streams), kept detached for the sample
+    grid: `kept` topped up from `batch` (batches of 1 fill it over n iterations)."""
+    have = 0 if kept is None else len(kept[0])
+    if have >= n:
+        return kept
+    new = tuple(x[:n - have].detach().clone() for x in batch)
+    return new if kept is None else tuple(torch.cat([k, x]) for k, x in zip(kept, new))
 
 
 class UnpairedModule(AdversarialModule):
@@ -61,8 +72,7 @@ class UnpairedModule(AdversarialModule):
         """The batch's a and b images at the model's shape (the first ones kept for the grid)."""
         hp = self.hparams
         a, b = (to_shape(batch[k], (hp.channels, hp.image_size, hp.image_size)) for k in ("a", "b"))
-        if getattr(self, "_grid", None) is None:
-            self._grid = a[:hp.grid_size].detach().clone(), b[:hp.grid_size].detach().clone()
+        self._grid = keep_first(getattr(self, "_grid", None), (a, b), hp.grid_size)
         return a, b
 
     def fake(self, batch: dict, n: int) -> tuple[tuple, None]:

@@ -28,8 +28,9 @@ from kiln.modules.blocks.patchgan import Norm
 from kiln.modules.blocks.translators import AlwaysDropout, UNetGenerator
 from kiln.modules.ema import weights_for_sampling
 from kiln.modules.family import Grid, Spec
-from kiln.modules.gan.lit_module import AdversarialModule, GANPair, GanLoss
-from kiln.modules.pix2pix.networks import PairDiscriminator
+from kiln.modules.gan.lit_module import AdversarialModule, GanLoss
+from kiln.modules.gan.unpaired import keep_first
+from kiln.modules.pix2pix.networks import ConditionalPair, PairDiscriminator
 
 
 class Pix2PixModule(AdversarialModule):
@@ -60,7 +61,7 @@ class Pix2PixModule(AdversarialModule):
         if l1_weight < 0:
             raise ValueError(f"l1_weight must be non-negative, got {l1_weight}")
         self.save_hyperparameters()
-        self.model = GANPair(UNetGenerator(in_channels, out_channels, g_channels, downs, norm),
+        self.model = ConditionalPair(UNetGenerator(in_channels, out_channels, g_channels, downs, norm),
                              PairDiscriminator(in_channels, out_channels, d_channels, d_layers, norm))
         self._grid: tuple[Tensor, Tensor] | None = None  # (inputs, targets) of the sample grid
 
@@ -91,8 +92,7 @@ class Pix2PixModule(AdversarialModule):
     def _pair(self, batch: dict) -> tuple[Tensor, Tensor]:
         hp = self.hparams
         inputs, targets = self._images(batch["input"], hp.in_channels), self._images(batch["target"], hp.out_channels)
-        if self._grid is None:  # the grid's pairs: the first ones trained on
-            self._grid = inputs[:hp.grid_size].detach().clone(), targets[:hp.grid_size].detach().clone()
+        self._grid = keep_first(self._grid, (inputs, targets), hp.grid_size)  # the grid: the first pairs trained on
         return inputs, targets
 
     def training_step(self, batch: dict, batch_idx: int) -> None:

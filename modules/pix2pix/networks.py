@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from kiln.modules.blocks.adversarial import GANPair
 from kiln.modules.blocks.patchgan import Norm, PatchGAN
 
 
@@ -22,3 +23,10 @@ class PairDiscriminator(nn.Module):
 
     def forward(self, image: Tensor, condition: Tensor) -> Tensor:
         return self.patchgan(torch.cat([condition, image], 1))
+
+
+class ConditionalPair(GANPair):
+    """G and D of a conditional translator; `forward` (`kiln plan`'s one pass) is D(G(x), x)."""
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.discriminator(self.generator(inputs), inputs)
