@@ -160,8 +160,8 @@ class StepClock(L.Callback):
         self.wall.append(time.perf_counter())
         self.cpu.append(time.process_time())
         if self.loss0 is None:  # a GAN's manual optimisation returns nothing: its G loss is logged
-            self.loss0 = float(outputs["loss"]) if isinstance(outputs, dict) else float(
-                trainer.callback_metrics.get("train/Gmain/loss", float("nan")))
+            loss = outputs.get("loss") if isinstance(outputs, dict) else None
+            self.loss0 = float(loss if loss is not None else trainer.callback_metrics.get("train/Gmain/loss", float("nan")))
         if len(self.wall) == self.warmup + 1:
             self.threads_before = thread_cpu()
             self.log_before, self.ema_before = list(self.log_s), list(self.ema_s)
