@@ -179,3 +179,17 @@ def test_paper_sizes(config, sizes):
     result = plan([f"configs/{config}.yaml"], nodes=1, gpus_per_node=8)
     for name, expected in sizes.items():
         assert result["components"][name] == pytest.approx(expected, rel=0.05), name
+
+
+def test_unpaired_sides_are_shuffled_independently_and_held_out_pairs_stay_true(pairs):
+    from kiln.datamodules.datasets import EmojiPairsDataModule
+    from kiln.datamodules.mappers import UnpairedImages
+
+    data = EmojiPairsDataModule(UnpairedImages(32, a_key="input", b_key="target"), unpaired=True, root=str(pairs),
+                                build_size=32, batch_size=16, num_workers=0)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert sum(a != b for a, b in zip(batch["key_a"], batch["key_b"])) >= 12  # different emoji side by side
+    held_out = next(iter(data.val_dataloader()))
+    assert held_out["key_a"] == held_out["key_b"]  # one sample, both of its drawings
+    assert not torch.equal(held_out["a"], held_out["b"])
