@@ -28,7 +28,8 @@ class Networks(nn.Module):
         super().__init__()
         for name, net in networks.items():
             self.add_module(name, net)
-        self.shard_units = tuple({u for net in networks.values() for u in getattr(net, "shard_units", ())})
+        # in a fixed order (a set of types iterates differently in each process: FSDP2 units must agree)
+        self.shard_units = tuple(dict.fromkeys(u for net in networks.values() for u in getattr(net, "shard_units", ())))
 
     def forward(self, image: Tensor | tuple):
         return next(iter(self.children()))(image_of(image))
@@ -54,6 +55,7 @@ class UnpairedModule(AdversarialModule):
     and defines `d_main` and `g_main` on `self.domains(batch)` and `self.generated_pair(batch)`."""
 
     reuse_fake = True
+    _grid: tuple[Tensor, Tensor] | None = None  # the sample grid's a and b images (the first trained on)
 
     def unpaired_spec(self, name: str) -> Spec:
         components = {f"generator_{m}": f"model.generator.{m}" for m in MODES}
@@ -72,7 +74,7 @@ class UnpairedModule(AdversarialModule):
         """The batch's a and b images at the model's shape (the first ones kept for the grid)."""
         hp = self.hparams
         a, b = (to_shape(batch[k], (hp.channels, hp.image_size, hp.image_size)) for k in ("a", "b"))
-        self._grid = keep_first(getattr(self, "_grid", None), (a, b), hp.grid_size)
+        self._grid = keep_first(self._grid, (a, b), hp.grid_size)
         return a, b
 
     def fake(self, batch: dict, n: int) -> tuple[tuple, None]:
@@ -114,7 +116,7 @@ class UnpairedModule(AdversarialModule):
     @torch.no_grad()
     def sample_grid(self, *, use_ema: bool | None = None) -> Grid | None:
         """Rows: a, G_ab(a), b, G_ba(b) (the first training batch's, kept)."""
-        if getattr(self, "_grid", None) is None:
+        if self._grid is None:
             return None
         a, b = self._grid
         rows = [a, self.translate(a, "a2b", use_ema=use_ema), b, self.translate(b, "b2a", use_ema=use_ema)]
