@@ -70,6 +70,9 @@ ROWS = [
     Row(9, "translation", "bench/translation.py",
         "Image-to-image GANs (Pix2Pix, CycleGAN, U-GAT-IT): `kiln fit` iteration vs a plain PyTorch loop",
         ("ratio", ">=", 0.95), ">= 0.95x", ["--steps", "4", "--warmup", "1", "--rounds", "1"]),
+    Row(10, "efficient_unet", "bench/efficient_unet.py",
+        "Imagen's Efficient U-Net vs kiln's ADM U-Net, matched parameters: train-step throughput and peak memory",
+        None, "— (side by side)", ["--steps", "3", "--warmup", "1", "--rounds", "1"]),
 ]
 
 

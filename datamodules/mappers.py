@@ -365,6 +365,9 @@ class ImageText(_Mapper):
         color_jitter: brightness, contrast and saturation each scaled by a factor drawn from
             [1 - color_jitter, 1 + color_jitter] (SimCLR-style); 0 disables it.
         caption_dropout: probability of replacing the caption by "" (classifier-free guidance).
+        text_length: read the caption's cached text-encoder embeddings (`kiln data text-embeddings`:
+            `text.npy`, `textenc.txt`) and pad them to this many tokens: outputs `text_tokens`
+            (text_length, width), `text_mask` and `text_encoder` (the fingerprint) too.
     """
 
     _no_augmentation = {**_Mapper._no_augmentation, "color_jitter": 0.0, "caption_dropout": 0.0}
@@ -378,10 +381,12 @@ class ImageText(_Mapper):
         flip: bool = False,
         color_jitter: float = 0.0,
         caption_dropout: float = 0.0,
+        text_length: int | None = None,
     ):
         super().__init__(image_size, crop_scale, flip)
         self.image_key, self.caption_key = image_key, caption_key
         self.color_jitter, self.caption_dropout = color_jitter, caption_dropout
+        self.text_length = text_length
 
     def __call__(self, sample: dict) -> dict:
         image_name, caption_name = field_names(sample, self.image_key, self.caption_key)
@@ -393,7 +398,18 @@ class ImageText(_Mapper):
                 image = enhance(image).enhance(1 + self.rng.uniform(-self.color_jitter, self.color_jitter))
         if self.caption_dropout and self.rng.random() < self.caption_dropout:
             caption = ""
-        return {"image": to_tensor(image), "caption": caption, "key": sample["__key__"]}
+        out = {"image": to_tensor(image), "caption": caption, "key": sample["__key__"]}
+        return out | (self._text(sample) if self.text_length else {})
+
+    def _text(self, sample: dict) -> dict:
+        if "text.npy" not in sample or "textenc.txt" not in sample:
+            raise KeyError(f"{_where(sample)} has no cached text embeddings (text.npy, textenc.txt): "
+                            "build them with `kiln data text-embeddings`, or drop text_length")
+        tokens = torch.from_numpy(np.asarray(sample["text.npy"], dtype=np.float32))[: self.text_length]
+        padded = torch.zeros(self.text_length, tokens.shape[1])
+        padded[: len(tokens)] = tokens
+        mask = torch.arange(self.text_length) < len(tokens)
+        return {"text_tokens": padded, "text_mask": mask, "text_encoder": sample["textenc.txt"]}
 
 
 class ImageClass(_Mapper):

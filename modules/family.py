@@ -11,6 +11,7 @@ torchtitan's TrainSpec, one typed declaration instead of attributes the trainers
     generate            `kiln sample`: images for the conditions it takes
     generate_for_eval   the evaluator (`kiln eval` and the in-training callback): sample i from
                         (seed, i) only, per stage
+    use_labelled_prompts  `kiln eval --prompts`: the (class, prompt) pairs generate_for_eval draws
     sample_grid         the sample grids a run saves
     super_resolution    an upsampler's judging on real images (`spec().upsamples`)
     embed               a retrieval family's judging (`spec().evaluation == "retrieval"`)
@@ -37,7 +38,7 @@ from kiln.modules.ema import network
 Condition = Literal["prompts", "classes", "inputs", "label_maps"]
 # Sampling settings `kiln sample` and `kiln eval` may override (--guidance-scale, --sampler,
 # --steps, --truncation); a family keeps each in one of its hyper-parameters.
-Option = Literal["guidance_scale", "sampler", "steps", "truncation"]
+Option = Literal["guidance_scale", "sampler", "steps", "truncation", "augmentation_level"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class Spec:
             "model.visual"), where it calls them on their own: `kiln plan` counts each, and FSDP2
             gives each a unit of its own (a network called on its own gathers only its own
             weights). None declared: the module's top-level children.
+        frozen: frozen pretrained networks the family holds outside its module tree, by name ->
+            attribute path (Imagen's text encoder): never trained, in the optimizer, the EMA, a
+            checkpoint or DDP/FSDP2's parameters; `kiln plan` counts them as frozen parameters.
         ema_target: the attribute path of the network the EMA callback averages.
         shard_units: the block types FSDP2 shards one by one and activation checkpointing wraps.
         generates: draws images (`kiln sample`, sample grids, generative evaluation).
@@ -70,6 +74,7 @@ class Spec:
 
     name: str
     components: dict[str, str] = field(default_factory=dict)
+    frozen: dict[str, str] = field(default_factory=dict)
     ema_target: str = "model"
     shard_units: tuple[type, ...] = ()
     generates: bool = True
@@ -133,6 +138,11 @@ class Family(L.LightningModule):
     def generate_for_eval(self, indices: list[int], seed: int, *, use_ema: bool | None = None) -> Generated:
         """Samples `indices` for the evaluator, sample i from (seed, i) only, per stage."""
         raise NotImplementedError(f"the '{self.spec().name}' family does not generate images")
+
+    def use_labelled_prompts(self, pairs: list[tuple[int, str]] | None) -> None:
+        """(text-to-image families, `kiln eval --prompts`) Judge on these (class, prompt) pairs:
+        sample i draws pair i mod len(pairs), labelled with its class; None: the config's own."""
+        raise NotImplementedError(f"the '{self.spec().name}' family does not take labelled prompts")
 
     def sample_grid(self, *, use_ema: bool | None = None) -> Grid | None:
         """The grid a run saves (fixed conditions and noise); None: nothing to draw from."""

@@ -27,10 +27,10 @@ from conftest import REPO, kiln
 PLACEHOLDER = "/path/to/"
 # The kinds of data the section covers, by the start of their headings, and the families whose
 # `kiln fit` lines each must give (the other kinds have no family yet).
-FAMILIES = {"Captioned images": {"clip", "glide"}, "Class folders": {"biggan", "stylegan"}, "Pairs": {"pix2pix"},
+FAMILIES = {"Captioned images": {"clip", "glide", "imagen"}, "Class folders": {"biggan", "stylegan"}, "Pairs": {"pix2pix"},
             "Unpaired domains": {"cyclegan", "ugatit"}, "Label maps": set()}
-# Test-only overrides that keep a 2-step fit short: GLIDE draws its 36-sample grid at the end of training.
-FAST = {"glide": ["--model.init_args.grid_per_prompt", "1", "--model.init_args.sample_steps", "2"]}
+# Test-only overrides that keep a 2-step fit short: GLIDE and Imagen draw their 36-sample grid at the end of training.
+FAST = {family: ["--model.init_args.grid_per_prompt", "1", "--model.init_args.sample_steps", "2"] for family in ("glide", "imagen")}
 
 
 def own_data_section(readme: str) -> str:

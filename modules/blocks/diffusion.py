@@ -32,7 +32,7 @@ SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
 __all__ = [
     "GaussianDiffusion", "beta_schedule", "schedule_terms", "timestep_respacing",
     "normal_kl", "discretized_gaussian_log_likelihood", "dynamic_thresholding",
-    "classifier_free_guidance", "drop_condition",
+    "classifier_free_guidance", "drop_condition", "seeded_noise",
 ]
 
 
@@ -476,3 +476,9 @@ def drop_condition(shape: int | tuple[int, ...], p: float, generator: torch.Gene
         u = torch.rand(shape, generator=generator, device=generator.device)
         u = u.to(device) if device is not None else u
     return u < p
+
+
+def seeded_noise(shape: tuple[int, ...], seeds: list[int]) -> Tensor:
+    """One standard normal tensor of `shape` per seed, stacked: sample i's starting noise depends
+    on its seed only, never on the batch it is drawn in."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])

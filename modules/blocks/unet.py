@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 CONTEXT_MODES = ("concat_kv", "cross")
 
-__all__ = ["UNet", "ResBlock", "AttentionBlock", "timestep_embedding", "group_norm", "CONTEXT_MODES"]
+__all__ = ["UNet", "ResBlock", "AttentionBlock", "timestep_embedding", "group_norm", "run_block", "CONTEXT_MODES"]
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -144,22 +144,28 @@ class AttentionBlock(nn.Module):
     transformer block of latent diffusion / Stable Diffusion (Rombach et al. 2022); 0, ADM's and
     GLIDE's block, has none.
 
-    ``context_mask`` (N, L) is True for real tokens; padding is masked out, image tokens never.
+    ``self_attention=False`` keeps only the cross-attention (Imagen's Efficient U-Net levels with
+    text cross-attention only). ``context_mask`` (N, L) is True for real tokens; padding is masked
+    out, image tokens never.
     """
 
     def __init__(self, channels: int, head_channels: int = 64, context_dim: int | None = None,
-                 context_mode: str = "concat_kv", groups: int = 32, ff_mult: int = 0):
+                 context_mode: str = "concat_kv", groups: int = 32, ff_mult: int = 0, self_attention: bool = True):
         super().__init__()
         if context_mode not in CONTEXT_MODES:
             raise ValueError(f"context_mode must be one of {CONTEXT_MODES}, got {context_mode!r}")
         if ff_mult < 0:
             raise ValueError(f"ff_mult must be >= 0, got {ff_mult}")
+        if not self_attention and (context_dim is None or context_mode != "cross"):
+            raise ValueError("an attention block without self-attention needs cross-attention (context_mode 'cross')")
         self.heads = max(1, channels // head_channels)
         if channels % self.heads:
             raise ValueError(f"{channels} channels do not split into heads of {head_channels}")
-        self.norm = group_norm(channels, groups)
-        self.qkv = nn.Linear(channels, 3 * channels)
-        self.proj = _zero(nn.Linear(channels, channels))
+        self.norm = self.qkv = self.proj = None
+        if self_attention:
+            self.norm = group_norm(channels, groups)
+            self.qkv = nn.Linear(channels, 3 * channels)
+            self.proj = _zero(nn.Linear(channels, channels))
         self.context_kv = self.cross = None
         if context_dim is not None and context_mode == "concat_kv":
             self.context_kv = nn.Linear(context_dim, 2 * channels)
@@ -179,6 +185,17 @@ class AttentionBlock(nn.Module):
             })
 
     def forward(self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
+        if self.qkv is not None:
+            x = self._self_attention(x, context, context_mask)
+        if self.cross is not None and context is not None:
+            x = self._cross_attention(x, context, context_mask)
+        if self.ff is not None:
+            shape = x.shape
+            h, gate = self.ff["proj"](self.ff["norm"](x.flatten(2).transpose(1, 2))).chunk(2, dim=-1)
+            x = x + _to_image(self.ff["out"](h * F.gelu(gate)), shape)
+        return x
+
+    def _self_attention(self, x: Tensor, context: Tensor | None, context_mask: Tensor | None) -> Tensor:
         shape = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)
         q, k, v = _heads(self.qkv(tokens), 3, self.heads)
@@ -189,13 +206,7 @@ class AttentionBlock(nn.Module):
             if context_mask is not None:
                 mask = F.pad(context_mask.bool(), (0, q.shape[2]), value=True)[:, None, None]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x = x + _to_image(self.proj(_merge(y, shape)), shape)
-        if self.cross is not None and context is not None:
-            x = self._cross_attention(x, context, context_mask)
-        if self.ff is not None:
-            h, gate = self.ff["proj"](self.ff["norm"](x.flatten(2).transpose(1, 2))).chunk(2, dim=-1)
-            x = x + _to_image(self.ff["out"](h * F.gelu(gate)), shape)
-        return x
+        return x + _to_image(self.proj(_merge(y, shape)), shape)
 
     def _cross_attention(self, x: Tensor, context: Tensor, context_mask: Tensor | None) -> Tensor:
         shape = x.shape
@@ -212,6 +223,21 @@ class AttentionBlock(nn.Module):
         if keep is not None:
             y = y * keep[:, None, None].to(y.dtype)
         return x + _to_image(y, shape)
+
+
+def run_block(block: nn.Module, h: Tensor, emb: Tensor, context: Tensor | None, context_mask: Tensor | None,
+              checkpoint: bool = False) -> Tensor:
+    """One U-Net block on the inputs its kind takes (a res block the embedding, an attention block
+    the text, a resampler neither), under activation checkpointing when asked and gradients are on."""
+    if isinstance(block, ResBlock):
+        args = (h, emb)
+    elif isinstance(block, AttentionBlock):
+        args = (h, context, context_mask)
+    else:
+        args = (h,)
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 class _Stage(nn.ModuleList):
@@ -302,15 +328,7 @@ class UNet(nn.Module):
 
     def _block(self, block: nn.Module, h: Tensor, emb: Tensor, context: Tensor | None,
                context_mask: Tensor | None) -> Tensor:
-        if isinstance(block, ResBlock):
-            args = (h, emb)
-        elif isinstance(block, AttentionBlock):
-            args = (h, context, context_mask)
-        else:
-            args = (h,)
-        if self.checkpoint and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        return run_block(block, h, emb, context, context_mask, self.checkpoint)
 
     def _stage(self, stage: _Stage, h: Tensor, *cond) -> Tensor:
         for block in stage:

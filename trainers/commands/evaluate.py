@@ -84,6 +84,27 @@ def judge_for(data: L.LightningDataModule) -> str | None:
 RETRIEVAL = ("zero_shot", "retrieval")
 
 
+def read_labelled_prompts(url: str) -> list[tuple[int, str]]:
+    """`kiln eval --prompts FILE`: one `class index<TAB>prompt` per line (blank lines and lines
+    starting with # skipped) -> [(class, prompt)]; a bad line is one error naming it."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.isfile(path):
+        raise FileNotFoundError(f"prompts file not found: {url}")
+    pairs = []
+    with fs.open(path, "r") as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip() or line.startswith("#"):
+                continue
+            label, sep, prompt = line.partition("\t")
+            if not sep or not label.strip().isdigit() or not prompt.strip():
+                raise ValueError(f"{url}:{number}: expected `class index<TAB>prompt`, got {line!r}")
+            pairs.append((int(label), prompt.strip()))
+    if not pairs:
+        raise ValueError(f"{url} holds no prompts")
+    return pairs
+
+
 def main(argv: list[str]) -> None:
     parser = CommandParser(prog="kiln eval", description=__doc__)
     parser.add_argument("--ckpt", required=True)
@@ -103,9 +124,14 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--sampler", help="sampling override, e.g. ddim, ddpm, dpmpp_2m")
     parser.add_argument("--steps", type=int, help="sampling override: sampler steps")
     parser.add_argument("--truncation", type=float, help="sampling override: GAN truncation threshold")
+    parser.add_argument("--augmentation-level", type=float,
+                        help="sampling override: a super-resolution stage's input noise level in [0, 1]")
+    parser.add_argument("--prompts", help="judge on these prompts: a file (path or URL) of `class index<TAB>prompt` "
+                                          "lines; judge/accuracy is then over them (text-to-image families)")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("guidance_scale", args.guidance_scale), ("sampler", args.sampler),
-                                   ("steps", args.steps), ("truncation", args.truncation)) if v is not None}
+                                   ("steps", args.steps), ("truncation", args.truncation),
+                                   ("augmentation_level", args.augmentation_level)) if v is not None}
 
     ckpt, model, data = open_run(args.ckpt, "judge")
     family = family_of(ckpt)
@@ -142,6 +168,12 @@ def main(argv: list[str]) -> None:
     if not args.no_untrained:
         torch.manual_seed(0)
         models.append(build_from_checkpoint(ckpt, load_weights=False)[0])
+    if args.prompts:
+        if "prompts" not in spec.conditions:
+            raise ValueError(f"--prompts is for text-to-image families; a '{family}' checkpoint takes no prompts")
+        pairs = read_labelled_prompts(args.prompts)
+        for m in models:
+            m.use_labelled_prompts(pairs)
     for option, value in overrides.items():
         if option not in spec.options:
             raise ValueError(f"a '{family}' checkpoint has no --{option.replace('_', '-')} to override")
@@ -154,6 +186,8 @@ def main(argv: list[str]) -> None:
     if available is GENERATIVE:
         results["judge"] = judge
     results["step"] = ckpt.get("global_step", -1)
+    if args.prompts:
+        results["prompts"] = args.prompts
     results |= {f"sampling/{spec.options[k]}": v for k, v in overrides.items()}
     with fsspec.open(args.out, "w") as f:
         json.dump(results, f, indent=2, sort_keys=True)

@@ -9,7 +9,9 @@ backward through D), G main (through G and D, D frozen), path length (a double b
 G); the plan holds the largest phase.
 
 Per-GPU memory, with P trainable, F frozen and E EMA parameters (fp32 master weights: 4 bytes
-each under every precision; bf16 autocast shrinks activations, not these), W ranks and Adam(W):
+each under every precision; bf16 autocast shrinks activations, not these), W ranks and Adam(W).
+A frozen network a family holds outside its module tree (`Spec.frozen`: Imagen's text encoder)
+is whole on every rank, 4F under every strategy, and is not in the table's F:
 
     strategy  parameters  ema    gathered         gradients  optimizer       buffers
     ddp       4(P+F)      4E     -                4P         8P              4P
@@ -228,14 +230,15 @@ def memory(sizes: dict[str, int], steps: list[dict], world: int, deepspeed: dict
            double_backward: bool = False) -> dict[str, dict[str, float]]:
     """Bytes per GPU by part, for each strategy (see the module docstring). `sizes`: trainable,
     frozen and ema parameter counts, the largest unit and rest (`_units`)."""
-    p, f, e = sizes["trainable"], sizes["frozen"], sizes["ema"]
+    p, f, e = sizes["trainable"], sizes["frozen"] - sizes.get("held_out", 0), sizes["ema"]
+    held_out = 4 * sizes.get("held_out", 0)  # frozen networks outside the module tree: whole on every rank
     bucket = 4 * deepspeed["reduce_bucket_size"]
     per = {}
     for name in STRATEGIES:
         sharded = name in ("zero3", "fsdp")  # weights sharded
         split = world if name != "ddp" else 1  # gradients and optimizer state sharded
         fixed = {
-            "parameters": 4 * (p + f) / (world if sharded else 1),
+            "parameters": 4 * (p + f) / (world if sharded else 1) + held_out,
             "ema": 4 * e / (world if sharded else 1),
             "optimizer": 8 * p / split + (4 * p / world if name.startswith("zero") else 0),
             "buffers": {"ddp": 4 * p, "zero2": bucket * (2 if deepspeed["overlap_comm"] else 1),
@@ -278,15 +281,18 @@ def plan(paths: list[str], nodes: int, gpus_per_node: int, micro_batch: int | No
     largest, rest = _units(module)
     ema = _ema_target(config, module)
     steps = phases(module, batch)
-    sizes = {"trainable": _count(module), "frozen": _count(module, trainable=False),
-             "ema": _numel(ema) if ema is not None else 0, "unit": largest, "rest": rest}
     spec = module.spec()
+    # frozen networks held outside the module tree (Spec.frozen: Imagen's text encoder) count as frozen
+    held_out = sum(_numel(module.resolve(path)) for path in spec.frozen.values())
+    sizes = {"trainable": _count(module), "frozen": _count(module, trainable=False) + held_out,
+             "held_out": held_out, "ema": _numel(ema) if ema is not None else 0, "unit": largest, "rest": rest}
     per_gpu = memory(sizes, steps, world, _deepspeed_settings(config), spec.double_backward)
     components = {name: module.component(name) for name in spec.components}
     return {
         "config": paths, "family": spec.name, "nodes": nodes, "gpus_per_node": gpus_per_node,
         "micro_batch": batch, "global_batch": batch * world, "strategy": _strategy_of(config),
-        "parameters": _count(module), "frozen_parameters": _count(module, trainable=False),
+        "parameters": _count(module), "frozen_parameters": sizes["frozen"],
+        "frozen_networks": {name: _numel(module.resolve(path)) for name, path in spec.frozen.items()},
         "ema_parameters": sizes["ema"],
         "components": {name: _count(m) for name, m in components.items()},
         "largest_shard_unit": largest, "flops_per_sample": _flops(module, steps, batch) / batch,

@@ -10,6 +10,7 @@ Sampling options, each passed only to a family that has it:
     --steps N            sampler steps
     --sampler NAME       e.g. ddpm, ddim, dpmpp_2m
     --truncation T       GAN truncation
+    --augmentation-level L   a super-resolution stage's input noise level in [0, 1] (Imagen)
     --mode NAME          a family's other sampling mode (e.g. `project`)
     --num N              images per condition (default 1); --seed S fixes all noise
 
@@ -40,7 +41,7 @@ from kiln.trainers.callbacks.samples import grid_image
 # setting of `Spec.options`, or the mode
 OPTIONS = {"prompt": "prompts", "class_": "classes", "input": "inputs", "label_map": "label_maps",
            "guidance_scale": "guidance_scale", "steps": "steps", "sampler": "sampler",
-           "truncation": "truncation", "mode": "mode"}
+           "truncation": "truncation", "augmentation_level": "augmentation_level", "mode": "mode"}
 
 
 def _flag(keyword: str) -> str:
@@ -128,6 +129,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--sampler")
     parser.add_argument("--truncation", type=float)
+    parser.add_argument("--augmentation-level", type=float)
     parser.add_argument("--mode")
     parser.add_argument("--num", type=int, default=1, help="images per condition")
     parser.add_argument("--seed", type=int, default=0)
