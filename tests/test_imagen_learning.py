@@ -6,8 +6,9 @@ of the training prompts and FID/KID against the untrained model; then the paper'
 never seen in training: judge accuracy on configs/imagen/fashion-mnist-unseen.tsv (`kiln eval --prompts`), for
 Imagen and for GLIDE's learn config (its own text transformer, trained on the same data for the same 15 minutes).
 Super-resolution: `configs/imagen/learn-sr.yaml` (14 -> 28 px, with noise-conditioning augmentation) on held-out
-real images against bicubic, and the whole cascade's FID with the sampling-time level swept, against
-`configs/imagen/learn-sr-noaug.yaml` (the same stage without the augmentation). Figures: RESULTS.md.
+real images against bicubic, and the whole cascade's FID (base: `configs/imagen/learn-base-14.yaml`, trained
+first as the stage both name) with the sampling-time level swept, against `configs/imagen/learn-sr-noaug.yaml`
+(the same stage without the augmentation). Figures: RESULTS.md.
 """
 from __future__ import annotations
 

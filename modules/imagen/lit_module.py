@@ -30,6 +30,7 @@ from kiln.modules.optim import adamw_with_warmup_cosine
 from kiln.modules.pretrained.text_encoders import FrozenTextEncoder
 
 STAGE_NOISE = 500_009  # stage k of a chain draws its noise from seed * 1_000_003 + i + k * STAGE_NOISE
+AUGMENTATION_NOISE = 250_007  # and the noise that augments its input from that seed + AUGMENTATION_NOISE
 
 
 class ImagenModule(Family):
@@ -219,10 +220,14 @@ class ImagenModule(Family):
         at = torch.randint(0, x0.shape[-1] - side + 1, (len(x0), 2)).tolist()
         return torch.stack([x[:, i:i + side, j:j + side] for x, (i, j) in zip(x0, at)])
 
-    def augment(self, low: Tensor, level: Tensor) -> tuple[Tensor, Tensor]:
+    def augment(self, low: Tensor, level: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Noise `low` (at the output size) to `level` in [0, 1] per sample: (noised input, timestep)."""
         t = (level * (self.diffusion.num_timesteps - 1)).round().long().to(low.device)
-        return self.diffusion.q_sample(low, t), t
+        return self.diffusion.q_sample(low, t, None if noise is None else noise.to(low)), t
+
+    def _noise(self, seeds: list[int]) -> tuple[Tensor, Tensor]:
+        """(the sampler's starting noise, the noise augmenting an sr stage's input), per seed."""
+        return seeded_noise(self._shape(), seeds), seeded_noise(self._shape(), [s + AUGMENTATION_NOISE for s in seeds])
 
     def _conditioned(self, net, cond: dict[str, Tensor]):
         def run(x: Tensor, t: Tensor, c: dict[str, Tensor]) -> Tensor:
@@ -259,10 +264,11 @@ class ImagenModule(Family):
     # -- sampling --------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, prompts: list[str], noise: Tensor, *, low_res: Tensor | None = None,
-               guidance_scale: float | None = None, steps: int | None = None, sampler: str | None = None,
+               augmentation_noise: Tensor | None = None, guidance_scale: float | None = None, steps: int | None = None, sampler: str | None = None,
                dynamic_threshold: float | None | Literal["config"] = "config", use_ema: bool | None = None) -> Tensor:
         """Images in [-1, 1] for `prompts` from `noise`; `low_res` (sr) at any size, noised to
-        `augmentation_level` when the stage was trained with noise augmentation."""
+        `augmentation_level` by `augmentation_noise` (default: drawn here) when the stage was trained
+        with noise augmentation."""
         hp = self.hparams
         net = weights_for_sampling(self, use_ema)
         cond, uncond = self.encode(prompts), self.encode([""] * len(prompts))
@@ -273,7 +279,7 @@ class ImagenModule(Family):
             low = self.upsampled(F.interpolate(low_res, size=hp.low_res_size, mode="bilinear", antialias=True).clamp(-1, 1))
             if hp.noise_augmentation:
                 level = torch.full((len(prompts),), float(hp.augmentation_level))
-                low, aug_t = self.augment(low, level)
+                low, aug_t = self.augment(low, level, augmentation_noise)
                 cond["augmentation_t"] = uncond["augmentation_t"] = aug_t
             cond["low_res"] = uncond["low_res"] = low
         scale = hp.guidance_scale if guidance_scale is None else guidance_scale
@@ -305,12 +311,13 @@ class ImagenModule(Family):
     def _chain(self, prompts: list[str], indices: list[int], seed: int, use_ema: bool | None) -> dict[str, Tensor]:
         """Every stage's images for `prompts` (sample i's noise from (seed, i, stage) only)."""
         if self.hparams.stage == "base":
-            return {"base": self.sample(prompts, seeded_noise(self._shape(), [seed * 1_000_003 + i for i in indices]),
-                                        use_ema=use_ema)}
+            noise, _ = self._noise([seed * 1_000_003 + i for i in indices])
+            return {"base": self.sample(prompts, noise, use_ema=use_ema)}
         out = self.previous()._chain(prompts, indices, seed, use_ema)
-        depth = len(out)
-        noise = seeded_noise(self._shape(), [seed * 1_000_003 + i + depth * STAGE_NOISE for i in indices])
-        return out | {self.hparams.name: self.sample(prompts, noise, low_res=list(out.values())[-1], use_ema=use_ema)}
+        noise, augmentation = self._noise([seed * 1_000_003 + i + len(out) * STAGE_NOISE for i in indices])
+        high = self.sample(prompts, noise, low_res=list(out.values())[-1], augmentation_noise=augmentation,
+                           use_ema=use_ema)
+        return out | {self.hparams.name: high}
 
     @torch.no_grad()
     def generate(self, num: int = 1, seed: int = 0, *, use_ema: bool | None = None, prompts: list[str] | None = None,
@@ -324,8 +331,8 @@ class ImagenModule(Family):
             prompts = [p for p in (prompts or [""] * (len(inputs) // num)) for _ in range(num)]
             if len(prompts) != len(inputs):
                 raise ValueError(f"{len(prompts) // num} prompts for {len(inputs) // num} input images: give one per image")
-            noise = seeded_noise(self._shape(), [seed * 1_000_003 + i for i in range(len(prompts))])
-            return self.sample(prompts, noise, low_res=inputs, use_ema=use_ema)
+            noise, augmentation = self._noise([seed * 1_000_003 + i for i in range(len(prompts))])
+            return self.sample(prompts, noise, low_res=inputs, augmentation_noise=augmentation, use_ema=use_ema)
         prompts = [p for p in (prompts or [""]) for _ in range(num)]
         out = self._chain(prompts, list(range(len(prompts))), seed, use_ema)
         return out["base"] if len(out) == 1 else out
@@ -349,8 +356,9 @@ class ImagenModule(Family):
         version, bicubic upsampling of that same input)."""
         real = to_shape(images.to(self.device), self._shape(), mode="bicubic")
         low = self.low_res(real)
-        noise = seeded_noise(self._shape(), [seed * 1_000_003 + i for i in range(len(real))])
-        return real, self.sample(prompts, noise, low_res=low, use_ema=use_ema), self.upsampled(low)
+        noise, augmentation = self._noise([seed * 1_000_003 + i for i in range(len(real))])
+        out = self.sample(prompts, noise, low_res=low, augmentation_noise=augmentation, use_ema=use_ema)
+        return real, out, self.upsampled(low)
 
     @torch.no_grad()
     def sample_grid(self, *, use_ema: bool | None = None) -> Grid | None:
