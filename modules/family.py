@@ -11,7 +11,8 @@ torchtitan's TrainSpec, one typed declaration instead of attributes the trainers
     generate            `kiln sample`: images for the conditions it takes
     generate_for_eval   the evaluator (`kiln eval` and the in-training callback): sample i from
                         (seed, i) only, per stage
-    use_labelled_prompts  `kiln eval --prompts`: the (class, prompt) pairs generate_for_eval draws
+    use_labelled_prompts, labelled_prompts  `kiln eval --prompts`: the (class, prompt) pairs a
+                        text-to-image family's generate_for_eval draws
     sample_grid         the sample grids a run saves
     super_resolution    an upsampler's judging on real images (`spec().upsamples`)
     embed               a retrieval family's judging (`spec().evaluation == "retrieval"`)
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import lightning as L
+import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
@@ -142,7 +144,19 @@ class Family(L.LightningModule):
     def use_labelled_prompts(self, pairs: list[tuple[int, str]] | None) -> None:
         """(text-to-image families, `kiln eval --prompts`) Judge on these (class, prompt) pairs:
         sample i draws pair i mod len(pairs), labelled with its class; None: the config's own."""
-        raise NotImplementedError(f"the '{self.spec().name}' family does not take labelled prompts")
+        if "prompts" not in self.spec().conditions:
+            raise NotImplementedError(f"the '{self.spec().name}' family does not take prompts")
+        self._labelled_prompts = pairs
+
+    def labelled_prompts(self, indices: list[int]) -> tuple[list[str], Tensor | None]:
+        """(text-to-image families) The prompt and class of samples `indices`: pair i mod len of
+        `use_labelled_prompts`' pairs, else of the hyper-parameter `eval_prompts` (a prompt per
+        class), else the empty prompt without classes."""
+        pairs = getattr(self, "_labelled_prompts", None)
+        labelled = bool(pairs or self.hparams.get("eval_prompts"))
+        pairs = pairs or list(enumerate(self.hparams.get("eval_prompts") or [""]))
+        chosen = [pairs[i % len(pairs)] for i in indices]
+        return [p for _, p in chosen], torch.tensor([y for y, _ in chosen]) if labelled else None
 
     def sample_grid(self, *, use_ema: bool | None = None) -> Grid | None:
         """The grid a run saves (fixed conditions and noise); None: nothing to draw from."""

@@ -269,6 +269,16 @@ trainer:
 """
 
 
+def perturbed(module):
+    """A diffusion family's module in eval mode with its network's weights nudged (seed 0): ADM's
+    zero-initialised output layers make an untrained U-Net ignore its conditioning."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return module.eval()
+
+
 def learn_on_digits(model: str, digits: Path | str, *, image_size: int, batch_size: int, steps: int,
                     ema_decay: float, mapper: str = "ImageClass") -> str:
     """A whole config: `model` (its `model:` block) trained on the digits for `steps` steps on the

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, kiln, learn_on_digits
+from conftest import REPO, kiln, learn_on_digits, perturbed
 from kiln.modules.blocks.tokenizer import PAD, ByteTokenizer
 from kiln.modules.glide.lit_module import GLIDEModule
 from kiln.trainers.commands.plan import plan
@@ -21,17 +21,8 @@ TINY = dict(image_size=8, channels=1, text={"context_length": 24, "width": 32, "
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _trained_a_little(module: GLIDEModule) -> GLIDEModule:
-    """Zero-initialised output layers make an untrained U-Net ignore its conditioning: perturb."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in module.model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return module.eval()
-
-
 def test_text_reaches_the_unet_and_padding_does_not():
-    module = _trained_a_little(GLIDEModule(**TINY))
+    module = perturbed(GLIDEModule(**TINY))
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])
     a = module.model(x, t, module.tokenize(["a handwritten digit 3"] * 2))
     b = module.model(x, t, module.tokenize(["a handwritten digit 7"] * 2))
@@ -43,7 +34,7 @@ def test_text_reaches_the_unet_and_padding_does_not():
 
 
 def test_guidance_seeds_and_deterministic_ddim():
-    module = _trained_a_little(GLIDEModule(**TINY))
+    module = perturbed(GLIDEModule(**TINY))
     module.hparams.sampler, module.hparams.guidance_scale = "ddim", 3.0  # sampling settings (Spec.options)
     one = module.generate(num=2, seed=3, prompts=["a handwritten digit 3"])
     again = module.generate(num=2, seed=3, prompts=["a handwritten digit 3"])
@@ -62,7 +53,7 @@ def test_guidance_seeds_and_deterministic_ddim():
 
 
 def test_upsampler_takes_the_low_resolution_image():
-    module = _trained_a_little(GLIDEModule(**{**TINY, "stage": "upsampler", "image_size": 8, "low_res_size": 4}))
+    module = perturbed(GLIDEModule(**{**TINY, "stage": "upsampler", "image_size": 8, "low_res_size": 4}))
     low = torch.rand(2, 1, 4, 4) * 2 - 1
     out = module.generate(num=1, seed=0, prompts=["a", "b"], inputs=low)
     assert out.shape == (2, 1, 8, 8)
@@ -84,12 +75,12 @@ def test_upsampler_is_judged_on_real_inputs_beside_bicubic(digits, tmp_path):
 
     data = WebDataModule(f"{digits}/train/*.tar", ImageText(image_size=8), val_urls=f"{digits}/test/*.tar",
                          batch_size=16, num_workers=0)
-    module = _trained_a_little(GLIDEModule(**{**TINY, "stage": "upsampler", "image_size": 8, "low_res_size": 4}))
+    module = perturbed(GLIDEModule(**{**TINY, "stage": "upsampler", "image_size": 8, "low_res_size": 4}))
     [m] = evaluate_generative([module], data, ["l1", "fid", "kid"], extractor="judge-digits", num_samples=32,
                               batch_size=16)
     assert set(m) == {"heldout/images", "l1", "l1_baseline", "fid", "fid_baseline", "kid", "kid_baseline"}, m
     assert m["heldout/images"] == 32 and all(v == v and v >= 0 for v in m.values())
-    base = _trained_a_little(GLIDEModule(**TINY))
+    base = perturbed(GLIDEModule(**TINY))
     with pytest.raises(ValueError, match="l1 is for upsamplers"):
         evaluate_generative([base], data, ["l1"], extractor="judge-digits", num_samples=16, batch_size=16)
 
@@ -175,7 +166,7 @@ def test_text_encoder_is_causal_and_pools_the_end_token():
     the pooled vector is the end token's output, and the mask marks padding for the U-Net."""
     from kiln.modules.blocks.tokenizer import EOT
 
-    module = _trained_a_little(GLIDEModule(**TINY))
+    module = perturbed(GLIDEModule(**TINY))
     tokens = module.tokenize(["a handwritten digit 3", "a handwritten digit 7"])
     out, pooled, mask = module.model.text(tokens)
     first = (tokens[0] != tokens[1]).nonzero()[0].item()  # the captions' first (and only) differing byte

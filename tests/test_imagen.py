@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, kiln, learn_on_digits
+from conftest import REPO, kiln, learn_on_digits, perturbed
 from kiln.modules.blocks.efficient_unet import SKIP_SCALE, EfficientUNet
 from kiln.modules.blocks.unet import AttentionBlock, Downsample, ResBlock, Upsample
 from kiln.modules.imagen.lit_module import ImagenModule
@@ -29,15 +29,6 @@ TINY = dict(image_size=8, channels=1, text_encoder=MINILM,
 TINY_SR = dict(stage="sr", channels=1, text_encoder=MINILM, unet_type="efficient", sample_steps=3, sampler="ddim",
                unet={"channels": 16, "channel_mult": [1, 2], "num_res_blocks": [1, 1], "attention_levels": [],
                      "cross_attention_levels": [1], "head_channels": 16})
-
-
-def _perturbed(module: ImagenModule) -> ImagenModule:
-    """Zero-initialised output layers make an untrained U-Net ignore its conditioning: perturb."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in module.model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return module.eval()
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +95,7 @@ def test_t5_imagen_stage_keeps_the_encoder_frozen_and_out_of_its_state(tiny_t5, 
 
 
 def test_minilm_conditions_the_unet_and_encodings_are_memoised():
-    module = _perturbed(ImagenModule(**TINY))
+    module = perturbed(ImagenModule(**TINY))
     noise = torch.randn(2, 1, 8, 8)
     a = module.sample(["a photo of a dress", "a photo of a dress"], noise, guidance_scale=3.0)
     b = module.sample(["a photo of a dress", "a backpack"], noise, guidance_scale=3.0)
@@ -260,7 +251,7 @@ def test_eval_prompts_file_errors_are_one_line(tmp_path):
 
 
 def test_labelled_prompts_choose_the_prompt_and_the_label():
-    module = _perturbed(ImagenModule(**{**TINY, "eval_prompts": ["a handwritten digit 0", "a handwritten digit 1"]}))
+    module = perturbed(ImagenModule(**{**TINY, "eval_prompts": ["a handwritten digit 0", "a handwritten digit 1"]}))
     module.use_labelled_prompts([(7, "seven"), (2, "two")])
     out = module.generate_for_eval([0, 1, 2], seed=0)
     assert out[""][1].tolist() == [7, 2, 7]
@@ -360,7 +351,7 @@ def test_paper_configs_plan_with_t5_xxl_frozen(config, paper, built):
 def test_sr_stage_upsamples_given_images_and_trains_on_crops():
     """An sr stage alone draws from input images (`kiln sample --input`) at its output size, each
     output independent of the batch; `train_crop` trains on crops with matching low-resolution crops."""
-    module = _perturbed(ImagenModule(**{**TINY_SR, "image_size": 16, "low_res_size": 8}))
+    module = perturbed(ImagenModule(**{**TINY_SR, "image_size": 16, "low_res_size": 8}))
     inputs = torch.rand(3, 1, 8, 8) * 2 - 1
     out = module.generate(2, seed=1, prompts=["a", "b", "c"], inputs=inputs)
     assert out.shape == (6, 1, 16, 16)

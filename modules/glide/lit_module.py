@@ -93,7 +93,6 @@ class GLIDEModule(Family):
                                      "out_channels": out_channels}, upsampler=upsampler)
         self.tokenizer = ByteTokenizer(text.context_length)
         self._base: GLIDEModule | None = None
-        self._labelled_prompts: list[tuple[int, str]] | None = None
 
     # -- declared to trainers/ -------------------------------------------------------------------
     def spec(self) -> Spec:
@@ -209,19 +208,12 @@ class GLIDEModule(Family):
         noise = _noise(self._shape(), [seed * 1_000_003 + i + 500_009 for i in range(len(prompts))])
         return {"base": low, "upsampled": self.sample(prompts, noise, low_res=low, **options)}
 
-    def use_labelled_prompts(self, pairs: list[tuple[int, str]] | None) -> None:
-        """(`kiln eval --prompts`) Judge on these (class, prompt) pairs instead of `eval_prompts`."""
-        self._labelled_prompts = pairs
-
     @torch.no_grad()
     def generate_for_eval(self, indices: list[int], seed: int, *, use_ema: bool | None = None) -> Generated:
         """Sample i: pair i mod len of the labelled prompts (`eval_prompts` by class, or those of
         `use_labelled_prompts`), noise from (seed, i) only. The upsampler with a base checkpoint
         returns both stages."""
-        pairs = self._labelled_prompts or list(enumerate(self.hparams.eval_prompts or [""]))
-        chosen = [pairs[i % len(pairs)] for i in indices]
-        prompts = [p for _, p in chosen]
-        labels = torch.tensor([y for y, _ in chosen]) if self._labelled_prompts or self.hparams.eval_prompts else None
+        prompts, labels = self.labelled_prompts(indices)
         if self.hparams.stage == "base":
             return {"": (self.sample(prompts, _noise(self._shape(), [seed * 1_000_003 + i for i in indices]),
                                      use_ema=use_ema), labels)}

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kiln.modules.blocks.diffusion import GaussianDiffusion, classifier_free_guidance, drop_condition, seeded_noise
@@ -132,7 +131,6 @@ class ImagenModule(Family):
             io["augmentation_level"] = self.hparams.noise_augmentation
         self.model = ImagenNet(self.text_encoder.dim, text_width, unet_type, {**unet, **io})
         self._previous: ImagenModule | None = None
-        self._labelled_prompts: list[tuple[int, str]] | None = None
 
     # -- declared to trainers/ -------------------------------------------------------------------
     def spec(self) -> Spec:
@@ -195,23 +193,18 @@ class ImagenModule(Family):
             cond = {k: torch.where(rows.view(-1, *[1] * (v.ndim - 1)), empty[k].expand_as(v), v) for k, v in cond.items()}
         return cond
 
-    def _channels(self, images: Tensor) -> Tensor:
-        if images.shape[1] == self.hparams.channels:
-            return images
-        return images.mean(1, keepdim=True) if self.hparams.channels == 1 else images.expand(-1, 3, -1, -1)
-
     def _shape(self) -> tuple[int, int, int]:
         return self.hparams.channels, self.hparams.image_size, self.hparams.image_size
 
     def low_res(self, images: Tensor) -> Tensor:
         """Real images (or crops) -> an sr stage's input: down by image_size / low_res_size (antialiased)."""
         size = images.shape[-1] * self.hparams.low_res_size // self.hparams.image_size
-        return F.interpolate(images, size=size, mode="bilinear", antialias=True).clamp(-1, 1)
+        return to_shape(images, (self.hparams.channels, size, size))
 
     def upsampled(self, low: Tensor) -> Tensor:
         """A low-resolution image up by image_size / low_res_size (bicubic): the baseline, and the U-Net's input."""
         size = low.shape[-1] * self.hparams.image_size // self.hparams.low_res_size
-        return F.interpolate(self._channels(low), size=size, mode="bicubic").clamp(-1, 1)
+        return to_shape(low, (self.hparams.channels, size, size), mode="bicubic")
 
     def _crop(self, x0: Tensor) -> Tensor:
         side = self.hparams.train_crop
@@ -275,8 +268,7 @@ class ImagenModule(Family):
         if hp.stage == "sr":
             if low_res is None:
                 raise ValueError("an Imagen sr stage samples from a low-resolution image (--input, or previous_ckpt)")
-            low_res = self._channels(low_res.to(self.device))
-            low = self.upsampled(F.interpolate(low_res, size=hp.low_res_size, mode="bilinear", antialias=True).clamp(-1, 1))
+            low = self.upsampled(to_shape(low_res.to(self.device), (hp.channels, hp.low_res_size, hp.low_res_size)))
             if hp.noise_augmentation:
                 level = torch.full((len(prompts),), float(hp.augmentation_level))
                 low, aug_t = self.augment(low, level, augmentation_noise)
@@ -301,12 +293,6 @@ class ImagenModule(Family):
                                  f"{self.hparams.low_res_size} px images")
             object.__setattr__(self, "_previous", previous.eval().to(self.device))
         return self._previous
-
-    def use_labelled_prompts(self, pairs: list[tuple[int, str]] | None) -> None:
-        """(`kiln eval --prompts`) Judge on these (class, prompt) pairs instead of `eval_prompts`."""
-        self._labelled_prompts = pairs
-        if self.hparams.stage == "sr" and self.hparams.previous_ckpt:
-            self.previous().use_labelled_prompts(pairs)
 
     def _chain(self, prompts: list[str], indices: list[int], seed: int, use_ema: bool | None) -> dict[str, Tensor]:
         """Every stage's images for `prompts` (sample i's noise from (seed, i, stage) only)."""
@@ -341,10 +327,8 @@ class ImagenModule(Family):
     def generate_for_eval(self, indices: list[int], seed: int, *, use_ema: bool | None = None) -> Generated:
         """Sample i: pair i mod len of the labelled prompts (`eval_prompts` by class, or those
         of `use_labelled_prompts`); every stage of a chain."""
-        pairs = self._labelled_prompts or list(enumerate(self.hparams.eval_prompts or [""]))
-        chosen = [pairs[i % len(pairs)] for i in indices]
-        labels = torch.tensor([y for y, _ in chosen]) if self._labelled_prompts or self.hparams.eval_prompts else None
-        out = self._chain([p for _, p in chosen], indices, seed, use_ema)
+        prompts, labels = self.labelled_prompts(indices)
+        out = self._chain(prompts, indices, seed, use_ema)
         if len(out) == 1:
             return {"": (out["base"], labels)}
         return {name: (images, labels) for name, images in out.items()}

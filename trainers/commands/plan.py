@@ -230,7 +230,7 @@ def memory(sizes: dict[str, int], steps: list[dict], world: int, deepspeed: dict
            double_backward: bool = False) -> dict[str, dict[str, float]]:
     """Bytes per GPU by part, for each strategy (see the module docstring). `sizes`: trainable,
     frozen and ema parameter counts, the largest unit and rest (`_units`)."""
-    p, f, e = sizes["trainable"], sizes["frozen"] - sizes.get("held_out", 0), sizes["ema"]
+    p, f, e = sizes["trainable"], sizes["frozen"], sizes["ema"]
     held_out = 4 * sizes.get("held_out", 0)  # frozen networks outside the module tree: whole on every rank
     bucket = 4 * deepspeed["reduce_bucket_size"]
     per = {}
@@ -283,16 +283,16 @@ def plan(paths: list[str], nodes: int, gpus_per_node: int, micro_batch: int | No
     steps = phases(module, batch)
     spec = module.spec()
     # frozen networks held outside the module tree (Spec.frozen: Imagen's text encoder) count as frozen
-    held_out = sum(_numel(module.resolve(path)) for path in spec.frozen.values())
-    sizes = {"trainable": _count(module), "frozen": _count(module, trainable=False) + held_out,
-             "held_out": held_out, "ema": _numel(ema) if ema is not None else 0, "unit": largest, "rest": rest}
+    held_out = {name: _numel(module.resolve(path)) for name, path in spec.frozen.items()}
+    sizes = {"trainable": _count(module), "frozen": _count(module, trainable=False),
+             "held_out": sum(held_out.values()), "ema": _numel(ema) if ema is not None else 0, "unit": largest, "rest": rest}
     per_gpu = memory(sizes, steps, world, _deepspeed_settings(config), spec.double_backward)
     components = {name: module.component(name) for name in spec.components}
     return {
         "config": paths, "family": spec.name, "nodes": nodes, "gpus_per_node": gpus_per_node,
         "micro_batch": batch, "global_batch": batch * world, "strategy": _strategy_of(config),
-        "parameters": _count(module), "frozen_parameters": sizes["frozen"],
-        "frozen_networks": {name: _numel(module.resolve(path)) for name, path in spec.frozen.items()},
+        "parameters": _count(module), "frozen_parameters": sizes["frozen"] + sizes["held_out"],
+        "frozen_networks": held_out,
         "ema_parameters": sizes["ema"],
         "components": {name: _count(m) for name, m in components.items()},
         "largest_shard_unit": largest, "flops_per_sample": _flops(module, steps, batch) / batch,
